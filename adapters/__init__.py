@@ -1,0 +1,20 @@
+"""One adapter per model family: how reductions are applied inside that family's models.
+
+An adapter finds the layers, carries a ``TokenState`` through a forward and keeps hidden
+states, positions, masks and caches consistent with what the pruners chose. It never
+branches on the pruning method.
+"""
+from __future__ import annotations
+
+from ..errors import UnsupportedModelError
+from .decoder import DecoderAdapter
+
+ADAPTERS = [DecoderAdapter]
+
+
+def find_adapter(model):
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    families = "; ".join(a.family for a in ADAPTERS)
+    raise UnsupportedModelError(f"no tokenprune adapter for {type(model).__name__}. Supported families: {families}")

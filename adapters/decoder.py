@@ -1,0 +1,473 @@
+"""Llama-family decoders (Llama/SmolLM2, Qwen2/3, Mistral, ...): reduce tokens between layers.
+
+Transformers v5 builds one causal mask and one rotary embedding per forward and hands the
+same objects to every decoder layer. This adapter hooks in without forking model code:
+
+- base-model pre-hook: opens a *call* (thread-local) and finds its *request*: the state of
+  one prompt's life (prefill + decode steps), bound to the KV cache object it fills;
+- layer pre-hooks: at prefill, ask the pruners scheduled before this layer and apply their
+  reduction to the hidden states and to the kwargs every later layer gets (mask rows and
+  columns, rotary cos/sin, position ids); at decode, crop the mask's key axis to the keys
+  this layer's cache holds;
+- layer post-hooks: put tokens that skipped the block back;
+- final-norm pre-hook: scatter kept tokens back to full length, so outputs keep the dense
+  shape (a removed token's output is its hidden state when it left, a merged one takes
+  the output of the token it joined).
+
+Pruning starts at layer >= 1: HF derives the positions of new tokens from layer 0's cache
+length, which therefore stays dense; kept tokens keep their original positions unless
+``renumber_positions=True``.
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import TokenPruneError, UnsupportedModelError
+from ..state import Segment, TokenState
+from ..stats import Stats, decoder_layer_flops, kv_bytes_per_token
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+def find_decoder(model: nn.Module) -> nn.Module | None:
+    """The module owning ``layers``, ``norm`` and ``rotary_emb`` (e.g. ``LlamaModel``)."""
+    inner = getattr(model, "model", None)
+    for m in (model, inner, getattr(inner, "language_model", None)):
+        layers = getattr(m, "layers", None)
+        if (
+            isinstance(layers, nn.ModuleList)
+            and len(layers) > 0
+            and hasattr(m, "norm")
+            and hasattr(m, "rotary_emb")
+            and hasattr(getattr(layers[0], "self_attn", None), "q_proj")
+            and hasattr(layers[0], "input_layernorm")
+        ):
+            return m
+    return None
+
+
+def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] != batch else t
+
+
+def gather_rows(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``t[b, slots[b]]`` for ``t`` of shape (B or 1, n, ...)."""
+    t = expand_rows(t, slots.shape[0])
+    return t.gather(1, slots.view(*slots.shape, *([1] * (t.dim() - 2))).expand(*slots.shape, *t.shape[2:]))
+
+
+def mask_keys(mask: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """Hide invalid keys (padding, fillers) in a bool (SDPA) or additive (eager) 4D mask."""
+    hide = ~key_valid[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~hide
+    return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+
+
+@dataclass
+class Request:
+    """One prompt's prefill and decode steps; lives as long as its KV cache."""
+
+    key_index: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, K) dense key positions
+    key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
+    shift: dict[int, torch.Tensor] = field(default_factory=dict)  # renumbering: layer -> (B,) removed tokens
+    dense_len: int = 0
+    stats: Stats = field(default_factory=Stats)
+
+
+@dataclass
+class Call:
+    """One forward of the base model."""
+
+    request: Request
+    mode: str  # "prefill" | "decode" | "off"
+    mask2d: torch.Tensor | None
+    segments: torch.Tensor | None
+    state: TokenState | None = None
+    modified: bool = False
+    version: int = 0  # bumped by every change of the slot set; keys `derived`
+    derived: dict = field(default_factory=dict)  # id(HF's per-layer mask / rope / ids) -> (version, ours)
+    positions: torch.Tensor | None = None  # renumbered positions of the slots (renumber_positions=True)
+    exits: torch.Tensor | None = None  # (B, N + 1, D): last hidden state of every token; column N is a sink
+    redirects: list = field(default_factory=list)
+    skip: tuple | None = None
+    stash: tuple | None = None  # previous layer's input, for attention scores
+    start_len: int = 0
+    N: int = 0  # tokens this call brought in
+    dense_count: torch.Tensor | None = None  # (B,) real tokens per row
+    alive_count: torch.Tensor | None = None  # (B,) real tokens not removed for good
+
+
+class DecoderAdapter:
+    family = "decoder LLMs with the transformers-v5 Llama layer interface (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Gemma3 text)"
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return find_decoder(model) is not None
+
+    def __init__(self, model, pruners, renumber_positions: bool = False):
+        self.model = model
+        self.base = find_decoder(model)
+        self.layers = self.base.layers
+        self.config = self.base.config
+        impl = getattr(self.config, "_attn_implementation", None) or "eager"
+        if impl not in SUPPORTED_ATTENTION:
+            raise UnsupportedModelError(
+                f"attention implementation {impl!r} is not supported; load the model with "
+                f"attn_implementation in {SUPPORTED_ATTENTION}"
+            )
+        self.pruners = pruners
+        num_layers = len(self.layers)
+        self.at: dict[int, list] = {}
+        for p in pruners:
+            p.validate(num_layers)
+            for layer in p.layers():
+                if layer < 1:
+                    raise TokenPruneError(
+                        f"{p.name}: decoders are reduced from layer 1 on (layer 0's cache gives HF the positions of new tokens)"
+                    )
+                self.at.setdefault(layer, []).append(p)
+        self.renumber = bool(renumber_positions)
+        attn_module = sys.modules[type(self.layers[0].self_attn).__module__]
+        self._rotate = getattr(attn_module, "apply_rotary_pos_emb", None)
+        if self._rotate is None:
+            raise UnsupportedModelError(f"{attn_module.__name__} has no apply_rotary_pos_emb")
+        self._hooks = []
+        self._local = threading.local()
+        self._requests: "weakref.WeakKeyDictionary[object, Request]" = weakref.WeakKeyDictionary()
+        self.last_stats: Stats | None = None
+
+    # ---- attach / detach -------------------------------------------------------------
+    def attach(self):
+        reg = self._hooks.append
+        reg(self.base.register_forward_pre_hook(self._open_call, with_kwargs=True))
+        reg(self.base.register_forward_hook(self._close_call, with_kwargs=True, always_call=True))
+        for i, layer in enumerate(self.layers):
+            reg(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            reg(layer.register_forward_hook(self._make_skip_hook(i)))
+        reg(self.base.norm.register_forward_pre_hook(self._restore_length))
+
+    def detach(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._requests = weakref.WeakKeyDictionary()
+
+    @contextmanager
+    def segment_override(self, segments: torch.Tensor):
+        prev = getattr(self._local, "segments", None)
+        self._local.segments = segments
+        try:
+            yield
+        finally:
+            self._local.segments = prev
+
+    # ---- call lifecycle -------------------------------------------------------------
+    def _open_call(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        mask2d = kwargs.get("attention_mask")
+        mask2d = mask2d if torch.is_tensor(mask2d) and mask2d.dim() == 2 else None
+        seen = cache.get_seq_length() if cache is not None else 0
+        request = self._requests.get(cache) if cache is not None else None
+        if request is not None and seen == request.dense_len:
+            mode = "decode"
+        elif seen == 0:
+            mode, request = "prefill", Request()
+        else:  # a cache filled without us: stay out of the way
+            mode, request = "off", Request()
+        self._local.call = Call(request, mode, mask2d, getattr(self._local, "segments", None))
+
+    def _close_call(self, module, args, kwargs, output):
+        call = getattr(self._local, "call", None)
+        self._local.call = None
+        if call is None or call.mode == "off" or call.state is None:
+            return None
+        req = call.request
+        self._account_kv(call)
+        req.dense_len = call.start_len + call.N
+        req.stats.forward_calls += 1
+        self.last_stats = req.stats
+        return None
+
+    # ---- per layer ------------------------------------------------------------------
+    def _make_layer_hook(self, i):
+        def hook(module, args, kwargs):
+            call = getattr(self._local, "call", None)
+            if call is None or call.mode == "off":
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                self._begin(call, hidden, kwargs)
+            if call.mode == "prefill":
+                hidden = self._prefill_layer(call, i, hidden, kwargs)
+            else:
+                self._decode_layer(call, i, hidden, kwargs)
+            if args:
+                args = (hidden, *args[1:])
+            else:
+                kwargs["hidden_states"] = hidden
+            return args, kwargs
+
+        return hook
+
+    def _begin(self, call: Call, hidden: torch.Tensor, kwargs):
+        B, N = hidden.shape[:2]
+        dev = hidden.device
+        cache = kwargs.get("past_key_values")
+        if call.mode == "prefill" and cache is not None:
+            self._requests[cache] = call.request
+        call.start_len, call.N = call.request.dense_len, N
+        valid = call.mask2d.bool() if call.mask2d is not None else torch.ones(B, N, dtype=torch.bool, device=dev)
+        if call.mode == "prefill":
+            segments = call.segments
+            if segments is None:
+                segments = torch.where(valid, int(Segment.TEXT), int(Segment.PAD))
+            elif tuple(segments.shape) != (B, N):
+                raise TokenPruneError(f"segment map has shape {tuple(segments.shape)}, the input is {(B, N)}")
+            call.request.stats = Stats(dense_tokens=valid.sum(1).tolist())
+        else:
+            segments = torch.full((B, N), int(Segment.GENERATED), device=dev)
+            valid = torch.ones(B, N, dtype=torch.bool, device=dev)  # new tokens: padding was already counted
+        index = torch.arange(N, device=dev).expand(B, N)
+        call.state = TokenState(0, len(self.layers), hidden, index, valid, segments.to(dev))
+        call.dense_count = call.alive_count = valid.sum(1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not torch.is_tensor(mask):
+            raise UnsupportedModelError("tokenprune needs tensor attention masks (sdpa or eager attention)")
+
+    def _prefill_layer(self, call: Call, i: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        st = call.state
+        st.layer, st.hidden = i, hidden
+        st._attention = (lambda q: self._attention(call, q)) if call.stash is not None else None
+        for pruner in self.at.get(i, ()):
+            reduction = pruner.select(st)
+            if reduction is None or reduction.is_noop(st):
+                continue
+            if call.skip is not None:
+                raise TokenPruneError(f"layer {i}: a Skip must be the last reduction before its layer")
+            self._reduce(call, i, reduction)
+        if call.modified:
+            self._rewrite_kwargs(call, i, kwargs)
+            req = call.request
+            req.key_index[i], req.key_valid[i] = st.index, st.valid
+            if self.renumber:
+                req.shift[i] = call.dense_count - call.alive_count
+        call.stash = (i, st.hidden, kwargs.get("position_embeddings"), st.valid)
+        stats = call.request.stats
+        stats.tokens_per_layer.append(st.valid.sum(1).tolist())
+        B, n = st.index.shape
+        N = call.N
+        stats.flops += B * decoder_layer_flops(self.config, n, n)
+        stats.dense_flops += B * decoder_layer_flops(self.config, N, N)
+        return st.hidden
+
+    def _reduce(self, call: Call, i: int, reduction):
+        st = call.state
+        slots, valid = reduction.plan(st)
+        full = reduction.combine(st)
+        if reduction.persistent:
+            self._remember_exits(call, full, reduction)
+            call.alive_count = valid.sum(1)
+        else:
+            call.skip = (i, slots, valid, full, st.index, st.valid, st.segments, call.positions)
+        if self.renumber:  # persistent reductions renumber; skipping tokens keep the numbering
+            before = self._positions(call)
+            call.positions = (valid.long().cumsum(1) - 1).clamp_min(0) if reduction.persistent else gather_rows(before, slots)
+        st.hidden = gather_rows(full, slots)
+        st.index, st.segments = st.index.gather(1, slots), st.segments.gather(1, slots)
+        st.valid = valid
+        if call.stash is not None:  # a later pruner at this layer scores the reduced set
+            li, h, rope, _ = call.stash
+            call.stash = (li, gather_rows(h, slots), tuple(gather_rows(t, slots) for t in rope), valid)
+        call.modified = True
+        call.version += 1
+
+    def _positions(self, call: Call) -> torch.Tensor:
+        st = call.state
+        if call.positions is None:
+            call.positions = (st.valid.long().cumsum(1) - 1).clamp_min(0)
+        return call.positions
+
+    def _rope(self, i: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """Rotary cos/sin at new positions, for models with one or per-layer-type embeddings."""
+        layer_types = getattr(self.config, "layer_types", None)
+        if layer_types is not None and "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters:
+            return self.base.rotary_emb(hidden, position_ids, layer_types[i])
+        return self.base.rotary_emb(hidden, position_ids)
+
+    def _rewrite_kwargs(self, call: Call, i: int, kwargs):
+        """Fit HF's per-layer mask, rotary cos/sin and position ids to the current slots.
+
+        Derived from HF's originals through the slots' original positions (``state.index``),
+        so models that pass several masks / rotary embeddings (sliding vs full layers) work;
+        cached per object until the slot set changes.
+        """
+        st = call.state
+        for name in ("attention_mask", "position_embeddings", "position_ids"):
+            orig = kwargs.get(name)
+            hit = call.derived.get((name, id(orig)))
+            if hit is not None and hit[0] == call.version:
+                kwargs[name] = hit[1]
+                continue
+            if name == "attention_mask":
+                new = self._gather_mask(orig, st.index, st.valid, st.hidden.dtype)
+            elif self.renumber:
+                pids = self._positions(call)
+                new = self._rope(i, st.hidden, pids) if name == "position_embeddings" else pids
+            elif name == "position_embeddings":
+                new = tuple(gather_rows(t, st.index) for t in orig)
+            else:
+                new = None if orig is None else gather_rows(orig, st.index)
+            call.derived[(name, id(orig))] = (call.version, new)
+            kwargs[name] = new
+
+    def _remember_exits(self, call: Call, full: torch.Tensor, reduction):
+        st = call.state
+        B, n, D = full.shape
+        N = call.N
+        if call.exits is None:
+            call.exits = full.new_zeros(B, N + 1, D)
+        sink = torch.where(st.valid, st.index, N)
+        call.exits.scatter_(1, sink[..., None].expand(B, n, D), full)
+        redirect = reduction.redirect()
+        if redirect is not None:
+            moved = (redirect >= 0) & st.valid
+            src = torch.where(moved, st.index, N)
+            dst = st.index.gather(1, redirect.clamp_min(0))
+            call.redirects.append((src, dst))
+
+    def _gather_mask(self, mask, slots, valid, dtype):
+        if mask is None:
+            if bool(valid.all()):
+                return None  # kept slots stay in causal order: is_causal still holds
+            m = slots.shape[1]
+            causal = torch.ones(m, m, dtype=torch.bool, device=slots.device).tril()
+            mask = causal[None, None].expand(slots.shape[0], 1, m, m)
+            if self.config._attn_implementation == "eager":
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            return mask_keys(mask, valid)
+        B, m = slots.shape
+        mask = expand_rows(mask, B)
+        h, n = mask.shape[1], mask.shape[-1]
+        mask = mask.gather(2, slots[:, None, :, None].expand(B, h, m, n))
+        mask = mask.gather(3, slots[:, None, None, :].expand(B, h, m, m))
+        return mask_keys(mask, valid)
+
+    def _make_skip_hook(self, i):
+        def hook(module, args, output):
+            call = getattr(self._local, "call", None)
+            if call is None or call.skip is None or call.skip[0] != i:
+                return None
+            _, slots, valid, full, index, svalid, segments, positions = call.skip
+            out = output[0] if isinstance(output, tuple) else output
+            B, m, D = out.shape
+            out = torch.where(valid[..., None], out, gather_rows(full, slots))
+            merged = full.scatter(1, slots[..., None].expand(B, m, D), out)
+            st = call.state
+            st.index, st.valid, st.segments, st.hidden = index, svalid, segments, merged
+            call.positions, call.skip = positions, None
+            call.version += 1
+            return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+        return hook
+
+    def _restore_length(self, module, args):
+        call = getattr(self._local, "call", None)
+        if call is None or call.mode != "prefill" or call.exits is None:
+            return None
+        st, h = call.state, args[0]
+        B, n, D = h.shape
+        N = call.N
+        sink = torch.where(st.valid, st.index, N)
+        out = call.exits.scatter(1, sink[..., None].expand(B, n, D), h)
+        for src, dst in reversed(call.redirects):
+            out.scatter_(1, src[..., None].expand(*src.shape, D), out.gather(1, dst[..., None].expand(*dst.shape, D)))
+        return (out[:, :N], *args[1:])
+
+    # ---- decode steps ---------------------------------------------------------------
+    def _decode_layer(self, call: Call, i: int, hidden: torch.Tensor, kwargs):
+        req, st = call.request, call.state
+        B, q = hidden.shape[:2]
+        stats = req.stats
+        dense_keys = call.start_len + q
+        stats.dense_flops += B * decoder_layer_flops(self.config, q, dense_keys)
+        if i not in req.key_index:
+            stats.flops += B * decoder_layer_flops(self.config, q, dense_keys)
+            return
+        cache = kwargs.get("past_key_values")
+        held = req.key_index[i].shape[1]
+        if cache is not None and cache.layers[i].get_seq_length() != held:
+            raise TokenPruneError(
+                f"layer {i}'s KV cache holds {cache.layers[i].get_seq_length()} keys, tokenprune expected {held}: "
+                "the cache was cropped or edited outside tokenprune (sliding-window caches are not supported)"
+            )
+        new = (call.start_len + torch.arange(q, device=hidden.device)).expand(B, q)
+        index = torch.cat([req.key_index[i], new], dim=1)
+        valid = torch.cat([req.key_valid[i], torch.ones(B, q, dtype=torch.bool, device=hidden.device)], dim=1)
+        req.key_index[i], req.key_valid[i] = index, valid
+        stats.flops += B * decoder_layer_flops(self.config, q, index.shape[1])
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape[-1] != dense_keys:
+            raise TokenPruneError(
+                f"layer {i} attends to a {mask.shape[-1]}-key window, not the whole cache: "
+                "sliding-window layers are supported only while the sequence fits the window"
+            )
+        if mask is not None:
+            mask = expand_rows(mask, B)
+            mask = mask_keys(mask.gather(3, index[:, None, None, :].expand(B, mask.shape[1], q, index.shape[1])), valid)
+        elif not bool(valid.all()):
+            mask = (index[:, None, None, :] <= new[:, None, :, None]) & valid[:, None, None, :]
+            if self.config._attn_implementation == "eager":
+                dtype = hidden.dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        kwargs["attention_mask"] = mask
+        if self.renumber and i in req.shift:
+            pids = expand_rows(kwargs["position_ids"], B) - req.shift[i][:, None]
+            kwargs["position_ids"] = pids
+            kwargs["position_embeddings"] = self._rope(i, hidden, pids)
+
+    # ---- attention scores -----------------------------------------------------------
+    def _attention(self, call: Call, query_slots: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T) of the previous layer for the query rows a method needs.
+
+        Recomputed from that layer's own norm, projections and rotary embedding, so the model
+        keeps running SDPA and nothing N x N is materialised unless asked for.
+        """
+        li, hidden, (cos, sin), valid = call.stash
+        layer = self.layers[li]
+        attn = layer.self_attn
+        B, n, D = hidden.shape
+        hd = attn.head_dim
+        x = layer.input_layernorm(hidden)
+        xq = gather_rows(x, query_slots)
+        q = attn.q_proj(xq).view(B, xq.shape[1], -1, hd)
+        k = attn.k_proj(x).view(B, n, -1, hd)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = expand_rows(cos, B), expand_rows(sin, B)
+        q = self._rotate(q, q, gather_rows(cos, query_slots), gather_rows(sin, query_slots))[0]
+        k = self._rotate(k, k, cos, sin)[0]
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+        pos = torch.arange(n, device=hidden.device)
+        visible = (pos[None, None, :] <= query_slots[:, :, None]) & valid[:, None, :]
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def _account_kv(self, call: Call):
+        req, st = call.request, call.state
+        B = st.index.shape[0]
+        per_token = kv_bytes_per_token(self.config, st.hidden.element_size())
+        dense_len = call.start_len + call.N
+        held = sum(req.key_index[i].shape[1] if i in req.key_index else dense_len for i in range(len(self.layers)))
+        req.stats.kv_bytes = B * held * per_token
+        req.stats.dense_kv_bytes = B * len(self.layers) * dense_len * per_token

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, metrics, benchmarks (installed as ``tokenprune.evals``)."""

@@ -1,0 +1,37 @@
+"""Tiny random decoders built from config dicts, one per supported family, plus SmolLM2."""
+import pytest
+import torch
+import transformers as T
+
+COMMON = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=None, bos_token_id=1,
+)
+FAMILIES = {
+    "llama-sdpa": (T.LlamaConfig, T.LlamaForCausalLM, dict(attn_implementation="sdpa")),
+    "llama-eager": (T.LlamaConfig, T.LlamaForCausalLM, dict(attn_implementation="eager")),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(attn_implementation="sdpa")),
+    "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(attn_implementation="sdpa")),
+    "mistral": (T.MistralConfig, T.MistralForCausalLM, dict(attn_implementation="eager", sliding_window=None)),
+    "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, dict(attn_implementation="sdpa", sliding_window=64)),
+}
+
+
+def tiny_decoder(family: str, seed: int = 0):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**COMMON, **extra)).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def decoder(request):
+    return tiny_decoder(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import tokenprune as tp
+
+    return tp.zoo.load("smollm2-135m")

@@ -1,0 +1,121 @@
+"""The engine's parts on their own: reductions, token state, attention scores, stats."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenprune as tp
+from tokenprune.reductions import rectangular, top_k_mask
+from tokenprune.stats import decoder_layer_flops
+
+from .conftest import tiny_decoder
+
+
+def state(valid, segments=None, hidden=None):
+    valid = torch.tensor(valid, dtype=torch.bool)
+    B, n = valid.shape
+    seg = torch.where(valid, int(tp.Segment.TEXT), int(tp.Segment.PAD)) if segments is None else torch.tensor(segments)
+    hidden = torch.randn(B, n, 3) if hidden is None else hidden
+    return tp.TokenState(2, 4, hidden, torch.arange(n).expand(B, n), valid, seg)
+
+
+def test_rectangular_fills_short_rows_with_padding_first():
+    keep = torch.tensor([[1, 1, 1, 0, 1], [0, 0, 1, 0, 1]], dtype=torch.bool)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    slots, slot_valid = rectangular(keep, valid)
+    assert slots.tolist() == [[0, 1, 2, 4], [0, 2, 3, 4]]  # row 1: pad slot 0 first, then latest dropped
+    assert slot_valid.tolist() == [[True] * 4, [False, True, False, True]]
+
+
+def test_top_k_mask_counts_and_breaks_ties_by_position():
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.9, 0.1]])
+    cand = torch.tensor([[True, True, True, False, True]])
+    assert top_k_mask(scores, cand, 0.5).tolist() == [[True, True, False, False, False]]  # round(2.0)
+    assert top_k_mask(scores, cand, 0.0).sum() == 0 and top_k_mask(scores, cand, 1.0).sum() == 4
+
+
+def test_candidates_protect_prompt_ends_and_skip_padding():
+    st = state([[0, 0, 1, 1, 1, 1, 1, 1]])
+    assert st.candidates("text", protect_first=1, protect_last=2).tolist() == [[0, 0, 0, 1, 1, 1, 0, 0]]
+    assert st.last_content_slot().tolist() == [7]
+    with pytest.raises(tp.TokenPruneError, match="no 'visual' tokens"):
+        st.candidates("visual")
+
+
+def test_merge_averages_into_destination_and_redirects():
+    h = torch.tensor([[[1.0], [3.0], [5.0], [7.0]]])
+    st = state([[1, 1, 1, 1]], hidden=h)
+    keep = torch.tensor([[True, False, True, False]])
+    m = tp.Merge(keep=keep, dst=torch.tensor([[-1, 0, -1, 2]]), weight=torch.tensor([[1.0, 3.0, 1.0, 1.0]]))
+    merged = m.combine(st)
+    assert merged[0, :, 0].tolist() == [2.5, 3.0, 6.0, 7.0]  # (1*1 + 3*3)/4, (5 + 7)/2
+    assert m.redirect().tolist() == [[-1, 0, -1, 2]]
+
+
+def test_noop_detection_ignores_padding():
+    st = state([[0, 1, 1]])
+    assert tp.Drop(keep=torch.tensor([[False, True, True]])).is_noop(st)
+    assert not tp.Drop(keep=torch.tensor([[False, True, False]])).is_noop(st)
+
+
+def test_pruner_round_trip_and_registry():
+    for name in tp.list_pruners():
+        p = tp.build_pruner(name, layer=3, keep_ratio=0.25)
+        assert tp.build_pruner(**p.to_dict()) == p
+        assert p.to_dict()["name"] == name
+    assert tp.FastV(layer=2, keep_ratio=0.5) == tp.build_pruner("fastv", layer=2, keep_ratio=0.5)
+
+
+def test_attention_scores_match_eager_attention_weights():
+    """Scores recomputed from q/k projections equal what eager attention returns."""
+    model = tiny_decoder("llama-eager")
+    ids = torch.randint(2, 128, (2, 12))
+    got = {}
+
+    class Spy(tp.FastV):
+        def select(self, st):
+            got["scores"] = st.attention(torch.tensor([[11], [7]]))
+            return None
+
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True).attentions[1]  # layer 1 = the one before layer 2
+        with tp.pruning(model, Spy(layer=2)):
+            model(ids)
+    assert torch.allclose(got["scores"][0, :, 0], ref[0, :, 11], atol=1e-6)
+    assert torch.allclose(got["scores"][1, :, 0], ref[1, :, 7], atol=1e-6)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_sdpa_model_stays_sdpa_while_pruning():
+    model = tiny_decoder("llama-sdpa")
+    with torch.no_grad(), tp.pruning(model, tp.FastV(layer=2)):
+        model(torch.randint(2, 128, (1, 16)))
+        assert model.config._attn_implementation == "sdpa"
+
+
+def test_flop_formula_matches_flop_counter():
+    # eager: flop_counter has no formula for the CPU SDPA kernel, but counts eager's matmuls
+    model = tiny_decoder("llama-eager")
+    layer = model.model.layers[1]
+    x = torch.randn(1, 20, 64)
+    rope = model.model.rotary_emb(x, torch.arange(20)[None])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        layer(x, attention_mask=None, position_embeddings=rope)
+    assert counter.get_total_flops() == decoder_layer_flops(model.config, 20, 20)
+
+
+def test_stats_count_tokens_flops_and_kv():
+    model = tiny_decoder("llama-sdpa")
+    ids = torch.randint(2, 128, (1, 25))
+    with torch.no_grad(), tp.pruning(model, tp.FastV(layer=2, keep_ratio=0.5)) as h:
+        model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        s = h.stats
+    assert s.dense_tokens == [25]
+    assert [r[0] for r in s.tokens_per_layer] == [25, 25, 15, 15]  # 20 candidates, 10 dropped
+    cfg = model.config
+    dense = 4 * decoder_layer_flops(cfg, 25, 25) + sum(4 * decoder_layer_flops(cfg, 1, 26 + t) for t in range(2))
+    pruned = 2 * decoder_layer_flops(cfg, 25, 25) + 2 * decoder_layer_flops(cfg, 15, 15) + sum(
+        2 * decoder_layer_flops(cfg, 1, 26 + t) + 2 * decoder_layer_flops(cfg, 1, 16 + t) for t in range(2)
+    )
+    assert (s.dense_flops, s.flops) == (dense, pruned)
+    per_token = 2 * 2 * 16 * 4  # k and v, 2 kv heads x 16 dims, float32
+    assert s.dense_kv_bytes == 4 * 27 * per_token and s.kv_bytes == (2 * 27 + 2 * 17) * per_token

@@ -1,0 +1,104 @@
+"""Pruner base class and registry: a method is a config dataclass with one ``select``."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .errors import TokenPruneError
+from .reductions import Reduction
+from .state import Segment, TokenState
+
+_REGISTRY: dict[str, type["Pruner"]] = {}
+
+
+def register_pruner(name: str):
+    """Class decorator: make a pruner buildable by name."""
+
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_pruners() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_pruner(name: str, **config) -> "Pruner":
+    """``build_pruner(**pruner.to_dict())`` rebuilds the same pruner."""
+    if name not in _REGISTRY:
+        raise TokenPruneError(f"unknown pruning method {name!r}; registered: {', '.join(list_pruners())}")
+    cls = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(config) - fields
+    if unknown:
+        raise TokenPruneError(f"{name}: unknown option(s) {sorted(unknown)}; options are {sorted(fields)}")
+    return cls(**config)
+
+
+@dataclass
+class Pruner:
+    """A token-reduction method: config fields plus ``select(state) -> Reduction | None``.
+
+    Pruners know nothing about model classes: they read a ``TokenState`` and answer with a
+    ``Drop``, ``Skip`` or ``Merge``. The adapter calls ``select`` before each layer listed
+    by ``layers()``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def layers(self) -> list[int]:
+        raise NotImplementedError
+
+    def select(self, state: TokenState) -> Reduction | None:
+        raise NotImplementedError
+
+    def validate(self, num_layers: int) -> None:
+        """Check the config against a model with ``num_layers`` layers (raises TokenPruneError)."""
+        for layer in self.layers():
+            if not 0 <= layer < num_layers:
+                raise TokenPruneError(
+                    f"{self.name}: layer {layer} is beyond the model, which has {num_layers} layers (0..{num_layers - 1})"
+                )
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+
+def check_ratio(owner: str, field: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise TokenPruneError(f"{owner}: {field} must be a number in [0, 1], got {value!r}")
+
+
+@dataclass
+class SegmentDropPruner(Pruner):
+    """Shared config of methods that keep a share of one segment's tokens after one layer.
+
+    ``layer``: the first layer that runs on the reduced set (layers before it see all tokens).
+    ``keep_ratio``: share of candidate tokens kept. Candidates are the ``segment`` tokens
+    except the first ``protect_first`` and last ``protect_last`` prompt tokens of each row.
+    """
+
+    layer: int = 2
+    keep_ratio: float = 0.5
+    segment: str = "text"
+    protect_first: int = 1
+    protect_last: int = 4
+
+    def __post_init__(self):
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise TokenPruneError(f"{self.name}: layer must be an integer >= 1, got {self.layer!r}")
+        check_ratio(self.name, "keep_ratio", self.keep_ratio)
+        Segment.parse(self.segment)
+        for f in ("protect_first", "protect_last"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+                raise TokenPruneError(f"{self.name}: {f} must be a non-negative integer")
+
+    def layers(self) -> list[int]:
+        return [self.layer]
+
+    def candidates(self, state: TokenState):
+        return state.candidates(self.segment, self.protect_first, self.protect_last)

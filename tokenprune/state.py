@@ -1,0 +1,96 @@
+"""What a pruner sees while a forward runs: the live token slots of every row."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Callable
+
+import torch
+
+from .errors import TokenPruneError
+
+
+class Segment(IntEnum):
+    """Modality / role of a token; adapters fill this map, pruners pick a segment to reduce."""
+
+    PAD = 0
+    SYSTEM = 1
+    TEXT = 2
+    VISUAL = 3
+    GENERATED = 4
+
+    @classmethod
+    def parse(cls, name: "str | Segment") -> "Segment":
+        if isinstance(name, Segment):
+            return name
+        try:
+            return cls[str(name).upper()]
+        except KeyError:
+            raise TokenPruneError(
+                f"unknown segment {name!r}; choose one of {[s.name.lower() for s in cls]}"
+            ) from None
+
+
+@dataclass
+class TokenState:
+    """Slots of the token stream at the entry of ``layer``.
+
+    Each row holds ``n`` slots (the same count for every row so tensors stay rectangular).
+    ``index`` maps a slot to its original token position; ``valid`` is False for left padding
+    and for filler slots that only exist to keep rows rectangular: those never count as
+    content and are masked as attention keys.
+    """
+
+    layer: int
+    num_layers: int
+    hidden: torch.Tensor  # (B, n, D) hidden states entering `layer`
+    index: torch.Tensor  # (B, n) original token positions, ascending per row
+    valid: torch.Tensor  # (B, n) bool
+    segments: torch.Tensor  # (B, n) Segment ids
+    _attention: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.shape[0]
+
+    @property
+    def num_slots(self) -> int:
+        return self.index.shape[1]
+
+    def attention(self, query_slots: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities ``(B, heads, q, n)`` of the given query slots ``(B, q)``.
+
+        Computed on demand from the previous layer's own q/k projections, so the model keeps
+        its fast attention kernel (SDPA never materialises these probabilities).
+        """
+        if self._attention is None:
+            raise TokenPruneError(f"attention scores are not available at layer {self.layer}")
+        return self._attention(query_slots)
+
+    def content(self) -> torch.Tensor:
+        """(B, n) bool: real prompt tokens (not padding, filler or generated)."""
+        return self.valid & (self.segments != Segment.GENERATED)
+
+    def last_content_slot(self) -> torch.Tensor:
+        """(B,) slot of each row's last prompt token (the query FastV listens to)."""
+        content = self.content()
+        pos = torch.arange(self.num_slots, device=content.device).expand_as(content)
+        return torch.where(content, pos, -1).amax(dim=1)
+
+    def candidates(self, segment: "str | Segment", protect_first: int = 0, protect_last: int = 0) -> torch.Tensor:
+        """(B, n) bool: slots of ``segment`` that may be reduced.
+
+        The first ``protect_first`` and last ``protect_last`` prompt tokens of each row are
+        never candidates (attention sinks and the instruction tail).
+        """
+        seg = Segment.parse(segment)
+        content = self.content()
+        if not bool((content & (self.segments == seg)).any()):
+            raise TokenPruneError(
+                f"no '{seg.name.lower()}' tokens to prune at layer {self.layer} "
+                f"(did the input contain that segment?)"
+            )
+        rank = content.long().cumsum(dim=1) - 1  # 0-based rank among prompt tokens
+        total = content.long().sum(dim=1, keepdim=True)
+        inside = (rank >= protect_first) & (rank < total - protect_last)
+        return content & (self.segments == seg) & inside
