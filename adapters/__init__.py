@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from ..errors import UnsupportedModelError
 from .decoder import DecoderAdapter
+from .encoder import EncoderAdapter
 
-ADAPTERS = [DecoderAdapter]
+ADAPTERS = [DecoderAdapter, EncoderAdapter]
 
 
 def find_adapter(model):

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-import threading
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +31,8 @@ from torch import nn
 from ..errors import TokenPruneError, UnsupportedModelError
 from ..state import Segment, TokenState
 from ..stats import Stats, decoder_layer_flops, kv_bytes_per_token
+from .base import HookedAdapter, attention_probs
+from .stream import Stream, expand_rows, gather_rows
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -52,16 +52,6 @@ def find_decoder(model: nn.Module) -> nn.Module | None:
         ):
             return m
     return None
-
-
-def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
-    return t.expand(batch, *t.shape[1:]) if t.shape[0] != batch else t
-
-
-def gather_rows(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``t[b, slots[b]]`` for ``t`` of shape (B or 1, n, ...)."""
-    t = expand_rows(t, slots.shape[0])
-    return t.gather(1, slots.view(*slots.shape, *([1] * (t.dim() - 2))).expand(*slots.shape, *t.shape[2:]))
 
 
 def mask_keys(mask: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
@@ -91,22 +81,19 @@ class Call:
     mode: str  # "prefill" | "decode" | "off"
     mask2d: torch.Tensor | None
     segments: torch.Tensor | None
-    state: TokenState | None = None
-    modified: bool = False
-    version: int = 0  # bumped by every change of the slot set; keys `derived`
+    stream: Stream | None = None
+    start_len: int = 0
     derived: dict = field(default_factory=dict)  # id(HF's per-layer mask / rope / ids) -> (version, ours)
     positions: torch.Tensor | None = None  # renumbered positions of the slots (renumber_positions=True)
-    exits: torch.Tensor | None = None  # (B, N + 1, D): last hidden state of every token; column N is a sink
-    redirects: list = field(default_factory=list)
-    skip: tuple | None = None
+    positions_before_skip: torch.Tensor | None = None
     stash: tuple | None = None  # previous layer's input, for attention scores
-    start_len: int = 0
-    N: int = 0  # tokens this call brought in
-    dense_count: torch.Tensor | None = None  # (B,) real tokens per row
-    alive_count: torch.Tensor | None = None  # (B,) real tokens not removed for good
+
+    @property
+    def state(self) -> TokenState:
+        return self.stream.state
 
 
-class DecoderAdapter:
+class DecoderAdapter(HookedAdapter):
     family = "decoder LLMs with the transformers-v5 Llama layer interface (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Gemma3 text)"
 
     @classmethod
@@ -124,51 +111,27 @@ class DecoderAdapter:
                 f"attention implementation {impl!r} is not supported; load the model with "
                 f"attn_implementation in {SUPPORTED_ATTENTION}"
             )
-        self.pruners = pruners
-        num_layers = len(self.layers)
-        self.at: dict[int, list] = {}
-        for p in pruners:
-            p.validate(num_layers)
-            for layer in p.layers():
-                if layer < 1:
-                    raise TokenPruneError(
-                        f"{p.name}: decoders are reduced from layer 1 on (layer 0's cache gives HF the positions of new tokens)"
-                    )
-                self.at.setdefault(layer, []).append(p)
+        # layer 0 stays dense: HF derives the positions of new tokens from its cache length
+        super().__init__(pruners, len(self.layers), min_layer=1)
         self.renumber = bool(renumber_positions)
         attn_module = sys.modules[type(self.layers[0].self_attn).__module__]
         self._rotate = getattr(attn_module, "apply_rotary_pos_emb", None)
         if self._rotate is None:
             raise UnsupportedModelError(f"{attn_module.__name__} has no apply_rotary_pos_emb")
-        self._hooks = []
-        self._local = threading.local()
         self._requests: "weakref.WeakKeyDictionary[object, Request]" = weakref.WeakKeyDictionary()
-        self.last_stats: Stats | None = None
 
     # ---- attach / detach -------------------------------------------------------------
     def attach(self):
-        reg = self._hooks.append
-        reg(self.base.register_forward_pre_hook(self._open_call, with_kwargs=True))
-        reg(self.base.register_forward_hook(self._close_call, with_kwargs=True, always_call=True))
+        self.hook(self.base.register_forward_pre_hook(self._open_call, with_kwargs=True))
+        self.hook(self.base.register_forward_hook(self._close_call, with_kwargs=True, always_call=True))
         for i, layer in enumerate(self.layers):
-            reg(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
-            reg(layer.register_forward_hook(self._make_skip_hook(i)))
-        reg(self.base.norm.register_forward_pre_hook(self._restore_length))
+            self.hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            self.hook(layer.register_forward_hook(self._make_skip_hook(i)))
+        self.hook(self.base.norm.register_forward_pre_hook(self._restore_length))
 
     def detach(self):
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        super().detach()
         self._requests = weakref.WeakKeyDictionary()
-
-    @contextmanager
-    def segment_override(self, segments: torch.Tensor):
-        prev = getattr(self._local, "segments", None)
-        self._local.segments = segments
-        try:
-            yield
-        finally:
-            self._local.segments = prev
 
     # ---- call lifecycle -------------------------------------------------------------
     def _open_call(self, module, args, kwargs):
@@ -183,16 +146,15 @@ class DecoderAdapter:
             mode, request = "prefill", Request()
         else:  # a cache filled without us: stay out of the way
             mode, request = "off", Request()
-        self._local.call = Call(request, mode, mask2d, getattr(self._local, "segments", None))
+        self.call = Call(request, mode, mask2d, self.segments)
 
     def _close_call(self, module, args, kwargs, output):
-        call = getattr(self._local, "call", None)
-        self._local.call = None
-        if call is None or call.mode == "off" or call.state is None:
+        call, self.call = self.call, None
+        if call is None or call.mode == "off" or call.stream is None:
             return None
         req = call.request
         self._account_kv(call)
-        req.dense_len = call.start_len + call.N
+        req.dense_len = call.start_len + call.stream.N
         req.stats.forward_calls += 1
         self.last_stats = req.stats
         return None
@@ -200,7 +162,7 @@ class DecoderAdapter:
     # ---- per layer ------------------------------------------------------------------
     def _make_layer_hook(self, i):
         def hook(module, args, kwargs):
-            call = getattr(self._local, "call", None)
+            call = self.call
             if call is None or call.mode == "off":
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -223,8 +185,12 @@ class DecoderAdapter:
         dev = hidden.device
         cache = kwargs.get("past_key_values")
         if call.mode == "prefill" and cache is not None:
+            kinds = {type(layer).__name__ for layer in getattr(cache, "layers", ())}
+            if kinds - {"DynamicLayer", "DynamicSlidingWindowLayer"}:
+                raise TokenPruneError(f"{sorted(kinds)} caches are not supported: layers hold different token counts "
+                                      "after pruning; use the default DynamicCache")
             self._requests[cache] = call.request
-        call.start_len, call.N = call.request.dense_len, N
+        call.start_len = call.request.dense_len
         valid = call.mask2d.bool() if call.mask2d is not None else torch.ones(B, N, dtype=torch.bool, device=dev)
         if call.mode == "prefill":
             segments = call.segments
@@ -237,63 +203,50 @@ class DecoderAdapter:
             segments = torch.full((B, N), int(Segment.GENERATED), device=dev)
             valid = torch.ones(B, N, dtype=torch.bool, device=dev)  # new tokens: padding was already counted
         index = torch.arange(N, device=dev).expand(B, N)
-        call.state = TokenState(0, len(self.layers), hidden, index, valid, segments.to(dev))
-        call.dense_count = call.alive_count = valid.sum(1)
+        call.stream = Stream(TokenState(0, len(self.layers), hidden, index, valid, segments.to(dev)))
         mask = kwargs.get("attention_mask")
         if mask is not None and not torch.is_tensor(mask):
             raise UnsupportedModelError("tokenprune needs tensor attention masks (sdpa or eager attention)")
 
     def _prefill_layer(self, call: Call, i: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
-        st = call.state
+        stream, st = call.stream, call.state
         st.layer, st.hidden = i, hidden
         st._attention = (lambda q: self._attention(call, q)) if call.stash is not None else None
+        st._keys = (lambda: self._keys(call)) if call.stash is not None else None
         for pruner in self.at.get(i, ()):
             reduction = pruner.select(st)
             if reduction is None or reduction.is_noop(st):
                 continue
-            if call.skip is not None:
+            if stream.skip is not None:
                 raise TokenPruneError(f"layer {i}: a Skip must be the last reduction before its layer")
             self._reduce(call, i, reduction)
-        if call.modified:
+        if stream.changed:
             self._rewrite_kwargs(call, i, kwargs)
             req = call.request
             req.key_index[i], req.key_valid[i] = st.index, st.valid
             if self.renumber:
-                req.shift[i] = call.dense_count - call.alive_count
+                req.shift[i] = stream.dense_count - stream.alive_count
         call.stash = (i, st.hidden, kwargs.get("position_embeddings"), st.valid)
         stats = call.request.stats
         stats.tokens_per_layer.append(st.valid.sum(1).tolist())
         B, n = st.index.shape
-        N = call.N
         stats.flops += B * decoder_layer_flops(self.config, n, n)
-        stats.dense_flops += B * decoder_layer_flops(self.config, N, N)
+        stats.dense_flops += B * decoder_layer_flops(self.config, stream.N, stream.N)
         return st.hidden
 
     def _reduce(self, call: Call, i: int, reduction):
-        st = call.state
-        slots, valid = reduction.plan(st)
-        full = reduction.combine(st)
-        if reduction.persistent:
-            self._remember_exits(call, full, reduction)
-            call.alive_count = valid.sum(1)
-        else:
-            call.skip = (i, slots, valid, full, st.index, st.valid, st.segments, call.positions)
+        before = self._positions(call) if self.renumber else None
+        slots, valid = call.stream.reduce(i, reduction)
         if self.renumber:  # persistent reductions renumber; skipping tokens keep the numbering
-            before = self._positions(call)
+            call.positions_before_skip = None if reduction.persistent else before
             call.positions = (valid.long().cumsum(1) - 1).clamp_min(0) if reduction.persistent else gather_rows(before, slots)
-        st.hidden = gather_rows(full, slots)
-        st.index, st.segments = st.index.gather(1, slots), st.segments.gather(1, slots)
-        st.valid = valid
         if call.stash is not None:  # a later pruner at this layer scores the reduced set
             li, h, rope, _ = call.stash
             call.stash = (li, gather_rows(h, slots), tuple(gather_rows(t, slots) for t in rope), valid)
-        call.modified = True
-        call.version += 1
 
     def _positions(self, call: Call) -> torch.Tensor:
-        st = call.state
         if call.positions is None:
-            call.positions = (st.valid.long().cumsum(1) - 1).clamp_min(0)
+            call.positions = (call.state.valid.long().cumsum(1) - 1).clamp_min(0)
         return call.positions
 
     def _rope(self, i: int, hidden: torch.Tensor, position_ids: torch.Tensor):
@@ -310,11 +263,11 @@ class DecoderAdapter:
         so models that pass several masks / rotary embeddings (sliding vs full layers) work;
         cached per object until the slot set changes.
         """
-        st = call.state
+        st, version = call.state, call.stream.version
         for name in ("attention_mask", "position_embeddings", "position_ids"):
             orig = kwargs.get(name)
             hit = call.derived.get((name, id(orig)))
-            if hit is not None and hit[0] == call.version:
+            if hit is not None and hit[0] == version:
                 kwargs[name] = hit[1]
                 continue
             if name == "attention_mask":
@@ -326,23 +279,8 @@ class DecoderAdapter:
                 new = tuple(gather_rows(t, st.index) for t in orig)
             else:
                 new = None if orig is None else gather_rows(orig, st.index)
-            call.derived[(name, id(orig))] = (call.version, new)
+            call.derived[(name, id(orig))] = (version, new)
             kwargs[name] = new
-
-    def _remember_exits(self, call: Call, full: torch.Tensor, reduction):
-        st = call.state
-        B, n, D = full.shape
-        N = call.N
-        if call.exits is None:
-            call.exits = full.new_zeros(B, N + 1, D)
-        sink = torch.where(st.valid, st.index, N)
-        call.exits.scatter_(1, sink[..., None].expand(B, n, D), full)
-        redirect = reduction.redirect()
-        if redirect is not None:
-            moved = (redirect >= 0) & st.valid
-            src = torch.where(moved, st.index, N)
-            dst = st.index.gather(1, redirect.clamp_min(0))
-            call.redirects.append((src, dst))
 
     def _gather_mask(self, mask, slots, valid, dtype):
         if mask is None:
@@ -350,10 +288,7 @@ class DecoderAdapter:
                 return None  # kept slots stay in causal order: is_causal still holds
             m = slots.shape[1]
             causal = torch.ones(m, m, dtype=torch.bool, device=slots.device).tril()
-            mask = causal[None, None].expand(slots.shape[0], 1, m, m)
-            if self.config._attn_implementation == "eager":
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-            return mask_keys(mask, valid)
+            return self._as_mask(causal[None, None].expand(slots.shape[0], 1, m, m) & valid[:, None, None, :], dtype)
         B, m = slots.shape
         mask = expand_rows(mask, B)
         h, n = mask.shape[1], mask.shape[-1]
@@ -361,40 +296,37 @@ class DecoderAdapter:
         mask = mask.gather(3, slots[:, None, None, :].expand(B, h, m, m))
         return mask_keys(mask, valid)
 
+    def _as_mask(self, visible: torch.Tensor, dtype) -> torch.Tensor:
+        """A bool "may attend" tensor in the form this model's attention takes."""
+        if self.config._attn_implementation != "eager":
+            return visible
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
+
     def _make_skip_hook(self, i):
         def hook(module, args, output):
-            call = getattr(self._local, "call", None)
-            if call is None or call.skip is None or call.skip[0] != i:
+            call = self.call
+            if call is None or call.stream is None or call.mode != "prefill":
                 return None
-            _, slots, valid, full, index, svalid, segments, positions = call.skip
             out = output[0] if isinstance(output, tuple) else output
-            B, m, D = out.shape
-            out = torch.where(valid[..., None], out, gather_rows(full, slots))
-            merged = full.scatter(1, slots[..., None].expand(B, m, D), out)
-            st = call.state
-            st.index, st.valid, st.segments, st.hidden = index, svalid, segments, merged
-            call.positions, call.skip = positions, None
-            call.version += 1
+            merged = call.stream.unskip(i, out)
+            if merged is None:
+                return None
+            if self.renumber:
+                call.positions = call.positions_before_skip
             return (merged, *output[1:]) if isinstance(output, tuple) else merged
 
         return hook
 
     def _restore_length(self, module, args):
-        call = getattr(self._local, "call", None)
-        if call is None or call.mode != "prefill" or call.exits is None:
+        call = self.call
+        if call is None or call.mode != "prefill" or call.stream is None:
             return None
-        st, h = call.state, args[0]
-        B, n, D = h.shape
-        N = call.N
-        sink = torch.where(st.valid, st.index, N)
-        out = call.exits.scatter(1, sink[..., None].expand(B, n, D), h)
-        for src, dst in reversed(call.redirects):
-            out.scatter_(1, src[..., None].expand(*src.shape, D), out.gather(1, dst[..., None].expand(*dst.shape, D)))
-        return (out[:, :N], *args[1:])
+        out = call.stream.restore(args[0])
+        return None if out is None else (out, *args[1:])
 
     # ---- decode steps ---------------------------------------------------------------
     def _decode_layer(self, call: Call, i: int, hidden: torch.Tensor, kwargs):
-        req, st = call.request, call.state
+        req = call.request
         B, q = hidden.shape[:2]
         stats = req.stats
         dense_keys = call.start_len + q
@@ -407,7 +339,7 @@ class DecoderAdapter:
         if cache is not None and cache.layers[i].get_seq_length() != held:
             raise TokenPruneError(
                 f"layer {i}'s KV cache holds {cache.layers[i].get_seq_length()} keys, tokenprune expected {held}: "
-                "the cache was cropped or edited outside tokenprune (sliding-window caches are not supported)"
+                "the cache was cropped or edited outside tokenprune"
             )
         new = (call.start_len + torch.arange(q, device=hidden.device)).expand(B, q)
         index = torch.cat([req.key_index[i], new], dim=1)
@@ -424,10 +356,7 @@ class DecoderAdapter:
             mask = expand_rows(mask, B)
             mask = mask_keys(mask.gather(3, index[:, None, None, :].expand(B, mask.shape[1], q, index.shape[1])), valid)
         elif not bool(valid.all()):
-            mask = (index[:, None, None, :] <= new[:, None, :, None]) & valid[:, None, None, :]
-            if self.config._attn_implementation == "eager":
-                dtype = hidden.dtype
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            mask = self._as_mask((index[:, None, None, :] <= new[:, None, :, None]) & valid[:, None, None, :], hidden.dtype)
         kwargs["attention_mask"] = mask
         if self.renumber and i in req.shift:
             pids = expand_rows(kwargs["position_ids"], B) - req.shift[i][:, None]
@@ -435,7 +364,7 @@ class DecoderAdapter:
             kwargs["position_embeddings"] = self._rope(i, hidden, pids)
 
     # ---- attention scores -----------------------------------------------------------
-    def _attention(self, call: Call, query_slots: torch.Tensor) -> torch.Tensor:
+    def _attention(self, call: Call, query_slots: torch.Tensor | None) -> torch.Tensor:
         """softmax(q k^T) of the previous layer for the query rows a method needs.
 
         Recomputed from that layer's own norm, projections and rotary embedding, so the model
@@ -445,6 +374,8 @@ class DecoderAdapter:
         layer = self.layers[li]
         attn = layer.self_attn
         B, n, D = hidden.shape
+        if query_slots is None:
+            query_slots = torch.arange(n, device=hidden.device).expand(B, n)
         hd = attn.head_dim
         x = layer.input_layernorm(hidden)
         xq = gather_rows(x, query_slots)
@@ -456,18 +387,26 @@ class DecoderAdapter:
         cos, sin = expand_rows(cos, B), expand_rows(sin, B)
         q = self._rotate(q, q, gather_rows(cos, query_slots), gather_rows(sin, query_slots))[0]
         k = self._rotate(k, k, cos, sin)[0]
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
         pos = torch.arange(n, device=hidden.device)
         visible = (pos[None, None, :] <= query_slots[:, :, None]) & valid[:, None, :]
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        return scores.softmax(dim=-1)
+        return attention_probs(q, k, attn.scaling, visible[:, None])
+
+    def _keys(self, call: Call) -> torch.Tensor:
+        """Previous layer's keys (B, kv_heads, n, head_dim) before rotary: content, not position."""
+        li, hidden, _, _ = call.stash
+        layer = self.layers[li]
+        attn = layer.self_attn
+        B, n, _ = hidden.shape
+        k = attn.k_proj(layer.input_layernorm(hidden)).view(B, n, -1, attn.head_dim)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        return k.transpose(1, 2)
 
     def _account_kv(self, call: Call):
         req, st = call.request, call.state
         B = st.index.shape[0]
         per_token = kv_bytes_per_token(self.config, st.hidden.element_size())
-        dense_len = call.start_len + call.N
+        dense_len = call.start_len + call.stream.N
         held = sum(req.key_index[i].shape[1] if i in req.key_index else dense_len for i in range(len(self.layers)))
         req.stats.kv_bytes = B * held * per_token
         req.stats.dense_kv_bytes = B * len(self.layers) * dense_len * per_token

@@ -44,6 +44,9 @@ class MergeRandom(SegmentDropPruner):
 CASES = {
     "fastv": (dict(layer=2, keep_ratio=0.4), dict(layer=2, keep_ratio=1.0)),
     "random": (dict(layer=1, keep_ratio=0.5, seed=3), dict(layer=1, keep_ratio=1.0)),
+    "tome": (dict(layer=[1, 3], keep_ratio=0.7, segment="text"), dict(layer=[1, 3], keep_ratio=1.0, segment="text")),
+    "zero-tprune": (dict(layer=2, keep_ratio=0.5, segment="text", protect_first=1),
+                    dict(layer=2, keep_ratio=1.0, segment="text")),
 }
 ENGINE_CASES = {
     "test-skip": (SkipRandom, dict(layer=2, keep_ratio=0.3), dict(layer=2, keep_ratio=1.0)),

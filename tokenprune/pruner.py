@@ -65,7 +65,9 @@ class Pruner:
                 )
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **dataclasses.asdict(self)}
+        """``name`` plus the config, JSON-safe (tuples become lists)."""
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {"name": self.name, **config}
 
 
 def check_ratio(owner: str, field: str, value: float) -> None:
@@ -75,22 +77,28 @@ def check_ratio(owner: str, field: str, value: float) -> None:
 
 @dataclass
 class SegmentDropPruner(Pruner):
-    """Shared config of methods that keep a share of one segment's tokens after one layer.
+    """Shared config of methods that keep a share of one segment's tokens before some layers.
 
-    ``layer``: the first layer that runs on the reduced set (layers before it see all tokens).
-    ``keep_ratio``: share of candidate tokens kept. Candidates are the ``segment`` tokens
-    except the first ``protect_first`` and last ``protect_last`` prompt tokens of each row.
+    ``layer``: the first layer that runs on the reduced set (layers before it see all tokens),
+    or a list of layers for a progressive schedule (the reduction repeats before each).
+    ``keep_ratio``: share of the candidate tokens kept at each of those layers. Candidates
+    are the ``segment`` tokens except the first ``protect_first`` and last ``protect_last``
+    prompt tokens of each row.
     """
 
-    layer: int = 2
+    layer: int | tuple[int, ...] = 2
     keep_ratio: float = 0.5
     segment: str = "text"
     protect_first: int = 1
     protect_last: int = 4
 
     def __post_init__(self):
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise TokenPruneError(f"{self.name}: layer must be an integer >= 1, got {self.layer!r}")
+        layers = list(self.layer) if isinstance(self.layer, (list, tuple)) else [self.layer]
+        if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):
+            raise TokenPruneError(f"{self.name}: layer must be an integer >= 1 or a list of them, got {self.layer!r}")
+        if len(set(layers)) != len(layers):
+            raise TokenPruneError(f"{self.name}: layer list {layers} repeats a layer")
+        self.layer = layers[0] if isinstance(self.layer, int) else tuple(sorted(layers))
         check_ratio(self.name, "keep_ratio", self.keep_ratio)
         Segment.parse(self.segment)
         for f in ("protect_first", "protect_last"):
@@ -98,7 +106,7 @@ class SegmentDropPruner(Pruner):
                 raise TokenPruneError(f"{self.name}: {f} must be a non-negative integer")
 
     def layers(self) -> list[int]:
-        return [self.layer]
+        return [self.layer] if isinstance(self.layer, int) else list(self.layer)
 
     def candidates(self, state: TokenState):
         return state.candidates(self.segment, self.protect_first, self.protect_last)

@@ -31,12 +31,19 @@ def rectangular(keep: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, 
     return slots, keep.gather(1, slots)
 
 
-def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """(B, n) bool: the top ``round(keep_ratio * #candidates)`` candidates of each row.
+def keep_count(candidates: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """(B,) ``round(keep_ratio * #candidates)`` per row, halves rounded up."""
+    return (candidates.sum(dim=1).double() * keep_ratio + 0.5).floor().long()
+
+
+def top_k_mask(scores: torch.Tensor, candidates: torch.Tensor, keep_ratio: float | None = None,
+               count: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, n) bool: the top ``count`` (or ``keep_ratio`` share) of each row's candidates by score.
 
     Ties go to the earlier slot, so a row gives the same answer alone or in a batch.
     """
-    count = (candidates.sum(dim=1).double() * keep_ratio + 0.5).floor().long()
+    if count is None:
+        count = keep_count(candidates, keep_ratio)
     masked = scores.float().masked_fill(~candidates, float("-inf"))
     order = masked.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -60,6 +67,10 @@ class Reduction:
     def redirect(self) -> torch.Tensor | None:
         """(B, n) slot whose final output a removed slot takes, or -1 (keeps its own)."""
         return None
+
+    def sizes(self, state: TokenState) -> torch.Tensor | None:
+        """(B, n) how many original tokens each slot stands for after this reduction (None: all 1)."""
+        return state.sizes
 
     def is_noop(self, state: TokenState) -> bool:
         """Keeps every real token: the adapter then leaves the stream untouched (bit-exact)."""
@@ -107,3 +118,8 @@ class Merge(Reduction):
 
     def redirect(self) -> torch.Tensor:
         return torch.where(self.keep, -1, self.dst)
+
+    def sizes(self, state: TokenState) -> torch.Tensor:
+        size = state.token_sizes()
+        src = (~self.keep) & (self.dst >= 0) & state.valid
+        return size.scatter_add(1, self.dst.clamp_min(0), torch.where(src, size, torch.zeros_like(size)))

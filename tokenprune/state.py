@@ -47,7 +47,9 @@ class TokenState:
     index: torch.Tensor  # (B, n) original token positions, ascending per row
     valid: torch.Tensor  # (B, n) bool
     segments: torch.Tensor  # (B, n) Segment ids
-    _attention: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    sizes: torch.Tensor | None = None  # (B, n) original tokens per slot (after merges); None = all 1
+    _attention: Callable[[torch.Tensor | None], torch.Tensor] | None = field(default=None, repr=False)
+    _keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -57,8 +59,8 @@ class TokenState:
     def num_slots(self) -> int:
         return self.index.shape[1]
 
-    def attention(self, query_slots: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities ``(B, heads, q, n)`` of the given query slots ``(B, q)``.
+    def attention(self, query_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention probabilities ``(B, heads, q, n)`` of the query slots ``(B, q)`` (all if None).
 
         Computed on demand from the previous layer's own q/k projections, so the model keeps
         its fast attention kernel (SDPA never materialises these probabilities).
@@ -66,6 +68,17 @@ class TokenState:
         if self._attention is None:
             raise TokenPruneError(f"attention scores are not available at layer {self.layer}")
         return self._attention(query_slots)
+
+    def keys(self) -> torch.Tensor:
+        """Attention keys ``(B, heads, n, head_dim)`` of the previous layer (token similarity)."""
+        if self._keys is None:
+            raise TokenPruneError(f"attention keys are not available at layer {self.layer}")
+        return self._keys()
+
+    def token_sizes(self) -> torch.Tensor:
+        if self.sizes is None:
+            return torch.ones(self.index.shape, dtype=torch.float32, device=self.index.device)
+        return self.sizes
 
     def content(self) -> torch.Tensor:
         """(B, n) bool: real prompt tokens (not padding, filler or generated)."""

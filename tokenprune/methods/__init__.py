@@ -1,5 +1,7 @@
 """One module per method. Importing this package registers them all."""
 from .fastv import FastV
 from .random import RandomDrop
+from .tome import ToMe
+from .zero_tprune import ZeroTPrune
 
-__all__ = ["FastV", "RandomDrop"]
+__all__ = ["FastV", "RandomDrop", "ToMe", "ZeroTPrune"]

@@ -1,0 +1,65 @@
+"""What every adapter shares: hook bookkeeping, per-thread call state, the pruner schedule."""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import TokenPruneError
+
+
+class HookedAdapter:
+    """Removable hooks + one call state per thread (concurrent requests never share state)."""
+
+    def __init__(self, pruners, num_layers: int, min_layer: int = 0):
+        self.pruners = pruners
+        self.at: dict[int, list] = {}
+        for p in pruners:
+            p.validate(num_layers)
+            for layer in p.layers():
+                if layer < min_layer:
+                    raise TokenPruneError(f"{p.name}: this model family is reduced from layer {min_layer} on, got {layer}")
+                self.at.setdefault(layer, []).append(p)
+        self._hooks = []
+        self._local = threading.local()
+        self.last_stats = None
+
+    def hook(self, handle):
+        self._hooks.append(handle)
+
+    def detach(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    @property
+    def call(self):
+        return getattr(self._local, "call", None)
+
+    @call.setter
+    def call(self, value):
+        self._local.call = value
+
+    @contextmanager
+    def segment_override(self, segments: torch.Tensor):
+        prev = getattr(self._local, "segments", None)
+        self._local.segments = segments
+        try:
+            yield
+        finally:
+            self._local.segments = prev
+
+    @property
+    def segments(self):
+        return getattr(self._local, "segments", None)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, visible: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) over visible keys, in float32. q: (B,H,q,d), k: (B,Hk,n,d)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias
+    return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)

@@ -1,0 +1,91 @@
+"""The token stream of one forward: applies reductions to a ``TokenState`` and undoes them at the end.
+
+Shared by every adapter. An adapter feeds it the hidden states entering a layer and the
+reductions its pruners chose; the stream keeps the slot bookkeeping (which original token
+each slot holds, exits of removed tokens, merge redirects, tokens skipping one block) and
+gives the full-length output back, so models keep their dense output shape.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..state import TokenState
+
+
+def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] != batch else t
+
+
+def gather_rows(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``t[b, slots[b]]`` for ``t`` of shape (B or 1, n, ...)."""
+    t = expand_rows(t, slots.shape[0])
+    return t.gather(1, slots.view(*slots.shape, *([1] * (t.dim() - 2))).expand(*slots.shape, *t.shape[2:]))
+
+
+class Stream:
+    def __init__(self, state: TokenState):
+        self.state = state
+        self.N = state.num_slots  # tokens the forward brought in
+        self.dense_count = self.alive_count = state.valid.sum(1)  # (B,) real tokens, and those not removed
+        self.exits: torch.Tensor | None = None  # (B, N + 1, D): last hidden state per token; column N is a sink
+        self.redirects: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.skip: tuple | None = None  # (layer, slots, valid, hidden of all slots, saved state fields)
+        self.version = 0  # bumped whenever the slot set changes
+        self.changed = False
+
+    def reduce(self, layer: int, reduction) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply ``reduction`` before ``layer``; returns the kept ``(slots, valid)`` of the old slots."""
+        st = self.state
+        slots, valid = reduction.plan(st)
+        full = reduction.combine(st)
+        sizes = reduction.sizes(st)
+        if reduction.persistent:
+            self._remember_exits(full, reduction)
+            self.alive_count = valid.sum(1)
+        else:
+            self.skip = (layer, slots, valid, full, (st.index, st.valid, st.segments, st.sizes))
+        st.hidden = gather_rows(full, slots)
+        st.index, st.segments, st.valid = st.index.gather(1, slots), st.segments.gather(1, slots), valid
+        st.sizes = None if sizes is None else sizes.gather(1, slots)
+        self.version += 1
+        self.changed = True
+        return slots, valid
+
+    def unskip(self, layer: int, out: torch.Tensor) -> torch.Tensor | None:
+        """After a block that some tokens skipped: put them back (unchanged) beside the outputs."""
+        if self.skip is None or self.skip[0] != layer:
+            return None
+        _, slots, valid, full, saved = self.skip
+        B, m, D = out.shape
+        out = torch.where(valid[..., None], out, gather_rows(full, slots))
+        merged = full.scatter(1, slots[..., None].expand(B, m, D), out)
+        st = self.state
+        st.index, st.valid, st.segments, st.sizes = saved
+        st.hidden = merged
+        self.skip = None
+        self.version += 1
+        return merged
+
+    def restore(self, h: torch.Tensor) -> torch.Tensor | None:
+        """Full-length output: kept tokens' outputs, removed tokens' exits, merged tokens' targets."""
+        if self.exits is None:
+            return None
+        st = self.state
+        B, n, D = h.shape
+        sink = torch.where(st.valid, st.index, self.N)
+        out = self.exits.scatter(1, sink[..., None].expand(B, n, D), h)
+        for src, dst in reversed(self.redirects):
+            out.scatter_(1, src[..., None].expand(*src.shape, D), out.gather(1, dst[..., None].expand(*dst.shape, D)))
+        return out[:, : self.N]
+
+    def _remember_exits(self, full: torch.Tensor, reduction):
+        st = self.state
+        B, n, D = full.shape
+        if self.exits is None:
+            self.exits = full.new_zeros(B, self.N + 1, D)
+        sink = torch.where(st.valid, st.index, self.N)
+        self.exits.scatter_(1, sink[..., None].expand(B, n, D), full)
+        redirect = reduction.redirect()
+        if redirect is not None:
+            moved = (redirect >= 0) & st.valid
+            self.redirects.append((torch.where(moved, st.index, self.N), st.index.gather(1, redirect.clamp_min(0))))
