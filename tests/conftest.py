@@ -35,3 +35,33 @@ def smollm2():
     import tokenprune as tp
 
     return tp.zoo.load("smollm2-135m")
+
+
+VIT = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=4,
+           num_attention_heads=4, intermediate_size=128, num_labels=10)
+ENCODERS = ["vit-sdpa", "vit-eager", "deit", "open_clip"]
+
+
+def tiny_encoder(kind: str, seed: int = 0):
+    """(model, forward) with forward(pixels) -> the output a user reads."""
+    torch.manual_seed(seed)
+    if kind == "open_clip":
+        import open_clip
+
+        model = open_clip.model.CLIP(
+            embed_dim=32,
+            vision_cfg=dict(image_size=32, layers=4, width=64, patch_size=4, head_width=16),
+            text_cfg=dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=2),
+        ).eval()
+        return model, model.encode_image
+    if kind == "deit":
+        model = T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**VIT)).eval()
+        return model, lambda x: model(x).logits
+    impl = kind.split("-")[1]
+    model = T.ViTForImageClassification(T.ViTConfig(**VIT, attn_implementation=impl)).eval()
+    return model, lambda x: model(x).logits
+
+
+@pytest.fixture(params=ENCODERS)
+def encoder(request):
+    return tiny_encoder(request.param)

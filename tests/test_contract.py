@@ -279,3 +279,78 @@ def test_smollm2_contract(smollm2):
             assert torch.equal(both[0], seq[0])
     with torch.no_grad():
         assert torch.equal(model(ids[:1]).logits, dense)
+
+
+# ---- ViT / CLIP encoders ---------------------------------------------------------------
+VISUAL = dict(segment="visual", protect_first=0, protect_last=0)
+ENCODER_NAMES = sorted(CASES) + sorted(ENGINE_CASES)
+
+
+def make_visual(name, noop=False):
+    cls = ENGINE_CASES[name][0] if name in ENGINE_CASES else type(tp.build_pruner(name))
+    return cls(layer=[1, 3], keep_ratio=1.0 if noop else 0.6, **VISUAL)
+
+
+def pixels(batch=3, seed=0):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ENCODER_NAMES)
+def test_encoder_contract(encoder, name):
+    model, forward = encoder
+    x = pixels()
+    before, hooks = params_of(model), hook_count(model)
+    with torch.no_grad():
+        dense = forward(x)
+        with tp.pruning(model, make_visual(name, noop=True)):
+            assert torch.equal(forward(x), dense), "keep-everything must be the dense model exactly"
+        with tp.pruning(model, make_visual(name)) as handle:
+            pruned = forward(x)
+            stats = handle.stats
+            alone = torch.cat([forward(x[i : i + 1]) for i in range(len(x))])
+            other = forward(pixels(2, seed=5))  # a different batch in between: no state leaks
+            again = forward(x)
+        after = forward(x)
+    assert not torch.equal(pruned, dense)
+    assert torch.allclose(alone, pruned, atol=1e-5), "a batch must equal each image alone"
+    assert torch.equal(again, pruned) and other.shape[0] == 2
+    counts = [row[0] for row in stats.tokens_per_layer]
+    assert counts[1] < counts[0] and counts[3] < counts[2] and stats.flops < stats.dense_flops
+    assert torch.equal(after, dense) and hook_count(model) == hooks
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_encoder_never_drops_prefix_tokens(encoder, name):
+    model, forward = encoder
+    prefix = 2 if "DeiT" in type(model).__name__ else 1
+    kept_prefix = []
+
+    class Spy(type(tp.build_pruner(name))):
+        def select(self, state):
+            reduction = super().select(state)
+            kept_prefix.append(bool(reduction.keep[:, :prefix].all()))
+            return reduction
+
+    with torch.no_grad(), tp.pruning(model, Spy(layer=[1, 2], keep_ratio=0.0, **VISUAL)) as h:
+        out = forward(pixels(2))
+    counts = [row[0] for row in h.stats.tokens_per_layer]
+    assert kept_prefix == [True, True] and counts[2] <= counts[1] < counts[0] and counts[2] >= prefix
+    assert torch.isfinite(out).all()
+
+
+def test_encoder_bad_input_leaves_model_untouched(encoder):
+    model, forward = encoder
+    x = pixels()
+    before, hooks = params_of(model), hook_count(model)
+    with torch.no_grad():
+        dense = forward(x)
+    with pytest.raises(tp.TokenPruneError, match="beyond the model"):
+        tp.prune(model, tp.ZeroTPrune(layer=[2, 9]))
+    with tp.pruning(model, tp.FastV(layer=2)), pytest.raises(tp.TokenPruneError, match="no 'text' tokens"):
+        with torch.no_grad():
+            forward(x)
+    with torch.no_grad():
+        assert torch.equal(forward(x), dense)
+    assert hook_count(model) == hooks
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -50,6 +50,11 @@ class TokenState:
     sizes: torch.Tensor | None = None  # (B, n) original tokens per slot (after merges); None = all 1
     _attention: Callable[[torch.Tensor | None], torch.Tensor] | None = field(default=None, repr=False)
     _keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    input_segments: frozenset = field(default=frozenset(), repr=False)
+
+    def __post_init__(self):
+        # what the input contained, so "segment missing" is told apart from "already pruned away"
+        self.input_segments = frozenset(self.segments[self.valid].unique().tolist())
 
     @property
     def batch_size(self) -> int:
@@ -98,7 +103,7 @@ class TokenState:
         """
         seg = Segment.parse(segment)
         content = self.content()
-        if not bool((content & (self.segments == seg)).any()):
+        if int(seg) not in self.input_segments:
             raise TokenPruneError(
                 f"no '{seg.name.lower()}' tokens to prune at layer {self.layer} "
                 f"(did the input contain that segment?)"
