@@ -1,6 +1,10 @@
 """Speed benchmarks: pruned vs dense in one run, next to the ideal.
 
     python -m tokenprune.evals.bench llm [--lengths 1024 2048] [--layer 4] [--keep 0.5]
+    python -m tokenprune.evals.bench vit [--batch 16] [--flops-cut 0.347]
+
+llm: SmolLM2-135M prefill. vit: a DeiT-S-shaped ViT (random weights: speed only) with
+Zero-TPrune and ToMe at the paper's FLOPs cut, images/s dense vs pruned.
 
 The ideal is the dense model's own time at the kept token counts: layers before the
 pruning layer timed at the full length, layers after it at the kept length. Uses CUDA
@@ -92,18 +96,87 @@ def print_table(rows, header=True):
         print(" | ".join(str(r[c]) for c in COLUMNS), flush=True)
 
 
+def deit_small(device, dtype):
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = DeiTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                     image_size=224, patch_size=16, num_labels=1000)
+    return DeiTForImageClassification(cfg).eval().to(device=device, dtype=dtype)
+
+
+def keep_for_cut(model, make, cut: float) -> float:
+    """The keep ratio whose counted FLOPs cut is closest to ``cut`` (bisection on one image)."""
+    from .. import prune
+
+    x = torch.zeros(1, 3, 224, 224, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    lo, hi = 0.0, 1.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        handle = prune(model, make(mid))
+        model(x)
+        ratio = handle.stats.flops_ratio
+        handle.remove()
+        lo, hi = (mid, hi) if 1 - ratio > cut else (lo, mid)
+    return round((lo + hi) / 2, 4)
+
+
+@torch.no_grad()
+def bench_vit(batch=16, cut=0.347, repeats=3, device=None) -> list[dict]:
+    from .. import ToMe, ZeroTPrune, prune
+
+    device = pick_device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = deit_small(device, dtype)
+    x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+    dense_t = timed(lambda: model(x), repeats, device)
+    rows = [{"device": device.type, "method": "dense", "batch": batch, "images_per_s": round(batch / dense_t, 2),
+             "flops_cut": 0.0, "throughput_gain": 0.0, "ideal_gain": 0.0, "gain_minus_ideal": 0.0}]
+    schedules = {
+        "zero-tprune": lambda k: ZeroTPrune(layer=(3, 6, 9), keep_ratio=k),
+        "tome": lambda k: ToMe(layer=tuple(range(1, 12)), keep_ratio=k),
+    }
+    for name, make in schedules.items():
+        keep = keep_for_cut(model, make, cut)
+        handle = prune(model, make(keep))
+        t = timed(lambda: model(x), repeats, device)
+        model(x)
+        flops_cut = 1 - handle.stats.flops_ratio
+        handle.remove()
+        ideal = 1 / (1 - flops_cut) - 1
+        gain = dense_t / t - 1
+        rows.append({"device": device.type, "method": f"{name}(keep={keep})", "batch": batch,
+                     "images_per_s": round(batch / t, 2), "flops_cut": round(flops_cut, 4),
+                     "throughput_gain": round(gain, 4), "ideal_gain": round(ideal, 4),
+                     "gain_minus_ideal": round(gain - ideal, 4)})
+    rows.append({"device": "paper (DeiT-S, GPU, batch 256)", "method": "Zero-TPrune", "batch": 256,
+                 "images_per_s": None, "flops_cut": 0.347, "throughput_gain": 0.453,
+                 "ideal_gain": round(1 / (1 - 0.347) - 1, 4), "gain_minus_ideal": round(0.453 - (1 / 0.653 - 1), 4)})
+    cols = list(rows[0])
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="tokenprune.evals.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("family", choices=["llm"], help="which benchmark")
+    ap.add_argument("family", choices=["llm", "vit"], help="which benchmark")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--layer", type=int, default=4, help="first layer that runs on the pruned set")
     ap.add_argument("--keep", type=float, default=0.5, help="share of prompt tokens kept")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--batch", type=int, default=None, help="vit: images per batch (default 256 on GPU, 16 on CPU)")
+    ap.add_argument("--flops-cut", type=float, default=0.347, help="vit: FLOPs cut to match (paper: 34.7%%)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
-    rows = bench_llm(args.lengths, args.layer, args.keep, args.repeats, args.device)
+    if args.family == "vit":
+        batch = args.batch or (256 if pick_device(args.device).type == "cuda" else 16)
+        rows = bench_vit(batch, args.flops_cut, args.repeats, args.device)
+    else:
+        rows = bench_llm(args.lengths, args.layer, args.keep, args.repeats, args.device)
     print(json.dumps(rows, indent=1))
     if args.json:
         with open(args.json, "w") as f:
