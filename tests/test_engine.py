@@ -119,3 +119,18 @@ def test_stats_count_tokens_flops_and_kv():
     assert (s.dense_flops, s.flops) == (dense, pruned)
     per_token = 2 * 2 * 16 * 4  # k and v, 2 kv heads x 16 dims, float32
     assert s.dense_kv_bytes == 4 * 27 * per_token and s.kv_bytes == (2 * 27 + 2 * 17) * per_token
+
+
+def test_concurrent_requests_on_one_model_do_not_share_state():
+    """Call state is per thread (e.g. a Gradio server): parallel requests match serial ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_decoder("llama-sdpa")
+    prompts = [torch.randint(2, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (9, 17, 25, 33)]
+    gen = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.no_grad(), tp.pruning(model, tp.FastV(layer=2, keep_ratio=0.5)):
+        serial = [model.generate(p, **gen) for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            parallel = list(pool.map(lambda p: model.generate(p, **gen), prompts * 2))
+    for i, out in enumerate(parallel):
+        assert torch.equal(out, serial[i % 4])
