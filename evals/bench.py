@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .. import FastV, pruning, zoo
+from .. import FastV, prune, pruning, zoo
 from .text import token_block
 
 
@@ -29,23 +29,34 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def timed(fn, repeats: int, device: torch.device) -> float:
     """Median seconds of ``fn()`` after one warm-up run."""
     fn()
-    times = []
+    return statistics.median(once(fn, device) for _ in range(repeats))
+
+
+def interleaved(fns: dict, repeats: int, device: torch.device) -> dict:
+    """Median seconds of each of ``fns``, timed in turns so load drift hits all alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            times[k].append(once(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @torch.no_grad()
@@ -62,13 +73,19 @@ def bench_llm(lengths=(1024, 2048), layer=4, keep=0.5, repeats=3, device=None) -
         def prefill(x=ids):
             return model(x, logits_to_keep=1)  # what generate's prefill computes
 
-        dense_t = timed(prefill, repeats, device)
-        with pruning(model, FastV(layer=layer, keep_ratio=keep)) as handle:
-            pruned_t = timed(prefill, repeats, device)
-            stats = handle.stats
+        handle = prune(model, FastV(layer=layer, keep_ratio=keep))
+        prefill()
+        stats = handle.stats
+        handle.remove()
         kept = stats.tokens_per_layer[-1][0]
+
+        def pruned():
+            with pruning(model, FastV(layer=layer, keep_ratio=keep)):
+                prefill()
+
+        t = interleaved({"dense": prefill, "pruned": pruned, "short": lambda: prefill(ids[:, :kept])}, repeats, device)
+        dense_t, pruned_t, short_t = t["dense"], t["pruned"], t["short"]
         dense_flops, pruned_flops = stats.dense_flops, stats.flops
-        short_t = timed(lambda: prefill(ids[:, :kept]), repeats, device)
         ideal_t = (layer * dense_t + (num_layers - layer) * short_t) / num_layers
         rows.append(
             {
@@ -123,24 +140,32 @@ def keep_for_cut(model, make, cut: float) -> float:
 
 @torch.no_grad()
 def bench_vit(batch=16, cut=0.347, repeats=3, device=None) -> list[dict]:
-    from .. import ToMe, ZeroTPrune, prune
+    from .. import ToMe, ZeroTPrune
 
     device = pick_device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     model = deit_small(device, dtype)
     x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-    dense_t = timed(lambda: model(x), repeats, device)
-    rows = [{"device": device.type, "method": "dense", "batch": batch, "images_per_s": round(batch / dense_t, 2),
-             "flops_cut": 0.0, "throughput_gain": 0.0, "ideal_gain": 0.0, "gain_minus_ideal": 0.0}]
     schedules = {
         "zero-tprune": lambda k: ZeroTPrune(layer=(3, 6, 9), keep_ratio=k),
         "tome": lambda k: ToMe(layer=tuple(range(1, 12)), keep_ratio=k),
     }
-    for name, make in schedules.items():
-        keep = keep_for_cut(model, make, cut)
-        handle = prune(model, make(keep))
-        t = timed(lambda: model(x), repeats, device)
-        model(x)
+    pruners = {name: make(keep_for_cut(model, make, cut)) for name, make in schedules.items()}
+
+    def run_with(pruner):
+        def fn():
+            with pruning(model, pruner):
+                model(x)
+        return fn
+
+    times = interleaved({"dense": lambda: model(x), **{n: run_with(p) for n, p in pruners.items()}}, repeats, device)
+    dense_t = times["dense"]
+    rows = [{"device": device.type, "method": "dense", "batch": batch, "images_per_s": round(batch / dense_t, 2),
+             "flops_cut": 0.0, "throughput_gain": 0.0, "ideal_gain": 0.0, "gain_minus_ideal": 0.0}]
+    for name, pruner in pruners.items():
+        keep, t = pruner.keep_ratio, times[name]
+        handle = prune(model, pruner)
+        model(x[:1])
         flops_cut = 1 - handle.stats.flops_ratio
         handle.remove()
         ideal = 1 / (1 - flops_cut) - 1
