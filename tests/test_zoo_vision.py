@@ -51,7 +51,7 @@ def test_tiny_vit_shapes(tiny_vit):
 def test_tiny_vit_accuracy(tiny_vit):
     model, processor = tiny_vit
     acc = vision.tiny_vit_accuracy(model, processor, limit=500)
-    assert acc > 0.80, acc  # chance is 0.10; full test set: see the model card
+    assert acc > 0.80, acc  # chance 0.10; 500 images: ~0.88, full test set: see the model card
 
 
 def test_tiny_clip_shapes(tiny_clip):
@@ -84,5 +84,5 @@ def test_tiny_clip_zero_shot(tiny_clip):
     model, (preprocess, tokenizer) = tiny_clip
     fm = vision.tiny_clip_zero_shot(model, preprocess, tokenizer, "fashion-mnist", limit=300)
     vqa = vision.tiny_clip_zero_shot(model, preprocess, tokenizer, "easy-vqa", limit=300)
-    assert fm > 0.70, fm    # chance 0.10
-    assert vqa > 0.40, vqa  # chance 1/24
+    assert fm > 0.75, fm    # chance 0.10; 300 images: ~0.89, full test set: see the model card
+    assert vqa > 0.80, vqa  # chance 1/24; 300 images: ~0.97

@@ -27,7 +27,7 @@ def _error(msg: str) -> Exception:
         return RuntimeError(msg)
     return TokenPruneError(msg)
 
-FASHION_MNIST_DIR = os.environ.get("TOKENPRUNE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat",
@@ -68,7 +68,7 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     if not os.path.exists(img_path):
         raise _error(
             f"Fashion-MNIST not found at {FASHION_MNIST_DIR}; install the Debian package: "
-            "apt-get install dataset-fashion-mnist (or set TOKENPRUNE_FASHION_MNIST_DIR)"
+            "apt-get install dataset-fashion-mnist"
         )
     images = _read_idx(img_path)
     labels = _read_idx(lbl_path).astype(np.int64)

@@ -98,7 +98,7 @@ def tiny_vit_accuracy(model, processor, limit: int | None = None, batch_size: in
         for i in range(0, len(images), batch_size):
             px = processor(images=_as_pil(images[i: i + batch_size]), return_tensors="pt")["pixel_values"]
             pred = model(pixel_values=px).logits.argmax(-1)
-            correct += int((pred == torch.as_tensor(labels[i: i + batch_size])).sum())
+            correct += int((pred == torch.tensor(labels[i: i + batch_size])).sum())
     return correct / len(images)
 
 
@@ -135,5 +135,5 @@ def tiny_clip_zero_shot(model, preprocess, tokenizer, dataset: str = "fashion-mn
             x = torch.stack([preprocess(im) for im in _as_pil(images[i: i + batch_size])])
             img = F.normalize(model.encode_image(x), dim=-1)
             pred = (img @ txt.T).argmax(-1)
-            correct += int((pred == torch.as_tensor(np.asarray(labels[i: i + batch_size]))).sum())
+            correct += int((pred == torch.tensor(np.asarray(labels[i: i + batch_size]))).sum())
     return correct / len(images)
