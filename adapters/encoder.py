@@ -32,21 +32,26 @@ class Tower:
     prefix: int  # leading non-patch tokens
     kind: str  # "hf" | "open_clip"
 
-    def qk(self, block: nn.Module, hidden: torch.Tensor):
-        """(q, k) as (B, heads, n, head_dim) and the softmax scale of ``block``'s attention."""
-        B, n, _ = hidden.shape
+    def qk(self, block: nn.Module, hidden: torch.Tensor, need_q: bool = True):
+        """(q, k) as (B, heads, n, head_dim) and the softmax scale of ``block``'s attention.
+
+        Only the projections asked for are computed (keys alone for similarity methods).
+        """
+        B, n, D = hidden.shape
         if self.kind == "hf":
             attn = block.attention
             x = block.layernorm_before(hidden)
-            q, k = attn.q_proj(x), attn.k_proj(x)
+            q, k = attn.q_proj(x) if need_q else None, attn.k_proj(x)
             heads, scale = attn.num_attention_heads, attn.scaling
         else:
             mha = block.attn
             x = block.ln_1(hidden)
-            q, k, _ = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+            w, b = mha.in_proj_weight, mha.in_proj_bias
+            part = lambda i: F.linear(x, w[i * D : (i + 1) * D], None if b is None else b[i * D : (i + 1) * D])  # noqa: E731
+            q, k = part(0) if need_q else None, part(1)
             heads = mha.num_heads
-            scale = (q.shape[-1] // heads) ** -0.5
-        split = lambda t: t.view(B, n, heads, -1).transpose(1, 2)  # noqa: E731
+            scale = (D // heads) ** -0.5
+        split = lambda t: None if t is None else t.view(B, n, heads, -1).transpose(1, 2)  # noqa: E731
         return split(q), split(k), scale
 
     def bias_kwargs(self, bias: torch.Tensor | None, heads: int, n: int) -> dict:
@@ -207,5 +212,5 @@ class EncoderAdapter(HookedAdapter):
 
     def _keys(self, call):
         li, hidden = call["stash"]
-        return self.tower.qk(self.tower.blocks[li], hidden)[1]
+        return self.tower.qk(self.tower.blocks[li], hidden, need_q=False)[1]
 
