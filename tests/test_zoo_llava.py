@@ -6,14 +6,14 @@ import torch
 
 pytest.importorskip("easy_vqa")
 
-from tokenprune.zoo.llava import WEIGHTS_DIR, load_tiny_llava  # noqa: E402
+import tokenprune as tp  # noqa: E402
+from tokenprune.zoo.llava import WEIGHTS_DIR  # noqa: E402  (importing it registers "tiny-llava")
 from tokenprune.zoo.vqa_data import EASY_VQA_ANSWERS, build_prompt, easy_vqa_items, vqa_accuracy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_llava():
-    torch.manual_seed(0)
-    return load_tiny_llava()
+    return tp.zoo.load("tiny-llava")
 
 
 def test_loads_offline_in_eval_mode(tiny_llava):
@@ -22,7 +22,7 @@ def test_loads_offline_in_eval_mode(tiny_llava):
     assert not model.training
     assert processor.tokenizer.padding_side == "left"
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
-    assert WEIGHTS_DIR.endswith("tiny-llava")
+    assert "tiny-llava" in tp.zoo.names() and WEIGHTS_DIR.endswith("tiny-llava")
 
 
 def test_image_tokens_expanded(tiny_llava):
