@@ -449,7 +449,7 @@ class ZeroShotTask(Task):
 class VQATask(Task):
     """Exact-match accuracy of ``tiny-llava`` greedy answers on a seeded subset of easy-vqa test
     questions (``tokenprune.zoo.vqa_data.vqa_accuracy``: left-padded batches, ``max_new_tokens``
-    3). Pruners default to the visual segment (e.g. FastV's original setting). Fidelity: agreement
+    from the model's generation config unless given; the answer is the last generated word). Pruners default to the visual segment (e.g. FastV's original setting). Fidelity: agreement
     of the answers with the dense model's (no vectors). FLOPs: the language model's decoder layers
     (analytic); ``flops_counted`` includes the vision tower and projector."""
 
@@ -459,10 +459,10 @@ class VQATask(Task):
     default_limit = 128
 
     def __init__(self, name: str = "tiny-llava", model=None, processor=None, items=None, batch_size: int = 32,
-                 max_new_tokens: int = 3, pruning_layer: int | None = None, **kw):
+                 max_new_tokens: int | None = None, pruning_layer: int | None = None, **kw):
         super().__init__(name, **kw)
         self.model, self.processor, self.items = model, processor, items
-        self.batch_size, self.max_new_tokens = int(batch_size), int(max_new_tokens)
+        self.batch_size, self.max_new_tokens = int(batch_size), max_new_tokens
         self.pruning_layer = pruning_layer
         self._ready = False
 

@@ -8,7 +8,9 @@ pytest.importorskip("easy_vqa")
 
 import tokenprune as tp  # noqa: E402
 from tokenprune.zoo.llava import WEIGHTS_DIR  # noqa: E402  (importing it registers "tiny-llava")
-from tokenprune.zoo.vqa_data import EASY_VQA_ANSWERS, build_prompt, easy_vqa_items, vqa_accuracy  # noqa: E402
+from tokenprune.zoo.vqa_data import (  # noqa: E402
+    EASY_VQA_ANSWERS, build_prompt, easy_vqa_items, format_answer, parse_answer, vqa_accuracy,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +45,22 @@ def test_batched_generate_left_padding_matches_single(tiny_llava):
     assert (mask[:, -1] == 1).all(), "prompts must be left padded"
     assert (mask == 0).any(), "test needs prompts of different lengths"
     with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        out = model.generate(**batch, do_sample=False)  # generation config: up to 6 tokens
     batched = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     for (img, q, _), got in zip(items, batched):
         single = processor(images=[img], text=[build_prompt(q)], return_tensors="pt")
         with torch.inference_mode():
-            o = model.generate(**single, max_new_tokens=3, do_sample=False)
+            o = model.generate(**single, do_sample=False)
         want = processor.tokenizer.decode(o[0, single["input_ids"].shape[1]:], skip_special_tokens=True)
         assert got.strip() == want.strip()
-        assert got.split()[0] in EASY_VQA_ANSWERS
+        assert parse_answer(got) in EASY_VQA_ANSWERS
+
+
+def test_answer_format_round_trip():
+    assert format_answer("is there a blue shape?", "red", "circle", "no") == "blue red . no"
+    assert format_answer("is no rectangle present?", "red", "circle", "yes") == "not rectangle circle . yes"
+    assert format_answer("what color is the shape?", "red", "circle", "red") == "red"
+    assert parse_answer("not rectangle circle. yes") == "yes"
 
 
 def test_accuracy_well_above_chance(tiny_llava):

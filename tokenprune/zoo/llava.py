@@ -7,7 +7,11 @@ projector -> Llama decoder), tiny enough for CPU tests, trained by
 Visual tokens: each 64x64 image gives 64 patch tokens (8x8 grid of 8x8 patches; the CLS token is
 dropped). ``LlavaProcessor`` expands ``<image>`` in the prompt into 64 copies of the image token
 (``model.config.image_token_id``), so visual positions are ``input_ids == image_token_id``, in
-row-major patch order. Prompts: :func:`tokenprune.zoo.vqa_data.build_prompt`.
+row-major patch order (``vqa_data.object_patches(image)`` marks the ones showing the object).
+Prompts: :func:`tokenprune.zoo.vqa_data.build_prompt`; the model generates a few words before the
+answer (``"blue red . no"``, see :func:`~tokenprune.zoo.vqa_data.format_answer`; greedy,
+``max_new_tokens=6`` in its generation config); :func:`~tokenprune.zoo.vqa_data.parse_answer` takes
+the answer word and :func:`~tokenprune.zoo.vqa_data.vqa_accuracy` scores a list of items.
 """
 from __future__ import annotations
 

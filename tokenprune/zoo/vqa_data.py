@@ -7,11 +7,14 @@ answers (13 possible: 8 colors, 3 shapes, yes, no). Splits: train 38,575 questio
 
 * :func:`easy_vqa_items` returns ``(PIL image, question, answer)`` triples.
 * :func:`build_prompt` is the exact prompt format ``tiny-llava`` was trained with.
-* :func:`vqa_accuracy` runs batched greedy ``model.generate`` (left padding) and scores
-  exact-match answers.
-
-The module imports nothing from the package at import time, so training scripts can load it
-by file path without running ``tokenprune/zoo/__init__.py`` (which imports every loader).
+* ``tiny-llava`` reasons in a few generated words before the answer word, :func:`format_answer`:
+  "what color is the shape?" -> ``"red"``; "is there a blue shape?" -> ``"blue red . no"``
+  (the asked-for value, the value it sees, the answer); "is there not a circle?" ->
+  ``"not circle circle . no"``. :func:`parse_answer` takes the final word. A decoder of about a
+  million parameters trained from scratch for minutes on CPU did not learn to compare a
+  question word with what it read from 64 visual tokens in one step (it fell back to the yes/no
+  prior of the question form); writing both values next to each other first makes the comparison a local lookup.
+  Every answer still depends on the visual tokens (the seen value is read from them).
 """
 from __future__ import annotations
 
@@ -21,10 +24,31 @@ from functools import lru_cache
 #: LLaVA-1.5 style prompt; ``<image>`` is expanded by the processor into one token per patch.
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
 
+EASY_VQA_COLORS = ["red", "green", "blue", "black", "gray", "teal", "yellow", "brown"]
+EASY_VQA_SHAPES = ["circle", "rectangle", "triangle"]
 EASY_VQA_ANSWERS = [
     "circle", "green", "red", "gray", "yes", "teal", "black",
     "rectangle", "yellow", "triangle", "brown", "blue", "no",
 ]
+
+
+def format_answer(question: str, color: str, shape: str, answer: str) -> str:
+    """The text ``tiny-llava`` is trained to generate for ``question`` about an image showing a
+    ``color`` ``shape`` whose dataset answer is ``answer`` (see the module docstring)."""
+    if answer not in ("yes", "no"):
+        return answer
+    words = question.lower().rstrip("?").split()
+    asked_color = [w for w in words if w in EASY_VQA_COLORS]
+    asked = asked_color[0] if asked_color else next(w for w in words if w in EASY_VQA_SHAPES)
+    seen = color if asked_color else shape
+    negated = "not " if ("not" in words or "no" in words) else ""
+    return f"{negated}{asked} {seen} . {answer}"
+
+
+def parse_answer(text: str) -> str:
+    """The answer word of a generated text: its last word (``"blue red. no"`` -> ``"no"``)."""
+    words = text.strip().lower().replace("?", " ").replace(".", " ").split()
+    return words[-1] if words else ""
 
 
 def build_prompt(question: str) -> str:
@@ -76,19 +100,29 @@ def easy_vqa_items(split: str = "test", limit: int | None = None, seed: int = 0)
     return [(_image(paths[image_ids[i]]), questions[i], answers[i]) for i in order]
 
 
-def _normalize(text: str) -> str:
-    words = text.strip().lower().replace("?", " ").replace(".", " ").split()
-    return words[0] if words else ""
+def object_patches(image, patch_size: int = 8, threshold: int = 40):
+    """Boolean ``[n_patches]`` array, row-major over the patch grid: True where the patch has
+    at least one object pixel (an easy-vqa background is one flat color; object pixels differ
+    from the corner pixel by more than ``threshold`` in some channel). For a 64x64 image and
+    ``tiny-llava`` these are its 64 visual tokens in ``input_ids`` order."""
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB"), dtype=np.int16)
+    fg = np.abs(a - a[:1, :1]).max(-1) > threshold
+    h, w = fg.shape[0] // patch_size, fg.shape[1] // patch_size
+    return fg[: h * patch_size, : w * patch_size].reshape(h, patch_size, w, patch_size).any((1, 3)).reshape(-1)
 
 
-def vqa_accuracy(model, processor, items, batch_size: int = 64, max_new_tokens: int = 3,
+def vqa_accuracy(model, processor, items, batch_size: int = 64, max_new_tokens: int | None = None,
                  return_predictions: bool = False, progress: bool = False, **tqdm_kwargs):
     """Exact-match accuracy of greedy ``model.generate`` answers on ``items``.
 
     ``items`` are ``(image, question, answer)`` triples (see :func:`easy_vqa_items`). Prompts are
     built with :func:`build_prompt`, batched with **left padding** (the tokenizer's side is
-    forced to ``"left"`` for the call), and decoded from the newly generated tokens only; the
-    first word of the decoded text must equal the answer. Returns the accuracy in ``[0, 1]``,
+    forced to ``"left"`` for the call), and decoded from the newly generated tokens only;
+    :func:`parse_answer` of the decoded text (its last word) must equal the answer.
+    ``max_new_tokens=None`` uses the model's generation config (6 for ``tiny-llava``, whose
+    longest answer is 5 words + ``</s>``; fewer tokens cut yes/no answers short). Returns the accuracy in ``[0, 1]``,
     or ``(accuracy, predictions)`` with ``return_predictions=True``.
     """
     import torch
@@ -109,10 +143,11 @@ def vqa_accuracy(model, processor, items, batch_size: int = 64, max_new_tokens: 
             inputs = processor(images=[c[0] for c in chunk], text=[build_prompt(c[1]) for c in chunk],
                                return_tensors="pt", padding=True)
             with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+                out = model.generate(**inputs, do_sample=False, **kw)
             new = out[:, inputs["input_ids"].shape[1]:]
             for text, (_, _, answer) in zip(tok.batch_decode(new, skip_special_tokens=True), chunk):
-                pred = _normalize(text)
+                pred = parse_answer(text)
                 preds.append(pred)
                 correct += int(pred == answer)
     finally:
