@@ -58,8 +58,11 @@ class HookedAdapter:
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, visible: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + bias) over visible keys, in float32. q: (B,H,q,d), k: (B,Hk,n,d)."""
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if q.shape[1] != k.shape[1]:  # grouped-query attention
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)).mul_(scale)
     if bias is not None:
-        scores = scores + bias
-    return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        scores += bias
+    if not bool(visible.all()):
+        scores.masked_fill_(~visible, float("-inf"))
+    return scores.softmax(dim=-1)

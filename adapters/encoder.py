@@ -2,8 +2,10 @@
 
 Reductions run between blocks. The prefix tokens (CLS, DeiT's distillation token) are
 ``Segment.SYSTEM`` and patches ``Segment.VISUAL``, so pruners that target "visual" never
-touch CLS. Attention probabilities and keys are recomputed from the previous block's own
-projections only at the layers whose pruner asks for them. Merged tokens carry their size
+touch CLS. A pruner before layer i reads the attention probabilities and keys of block i-1,
+only if it asks for them: HF blocks' q / k projections are captured while block i-1 runs (no
+second projection; only softmax(q k^T) is computed again, since SDPA never materialises it),
+open_clip's are recomputed from block i-1's input. Merged tokens carry their size
 and, as in ToMe, get proportional attention (log-size added to their attention logits).
 Outputs keep the dense shape (removed tokens exit with their last hidden state, merged
 ones take their target's output).
@@ -20,7 +22,7 @@ from ..errors import UnsupportedModelError
 from ..state import Segment, TokenState
 from ..stats import Stats
 from .base import HookedAdapter, attention_probs
-from .stream import Stream
+from .stream import Stream, gather_rows
 
 
 @dataclass
@@ -32,27 +34,36 @@ class Tower:
     prefix: int  # leading non-patch tokens
     kind: str  # "hf" | "open_clip"
 
-    def qk(self, block: nn.Module, hidden: torch.Tensor, need_q: bool = True):
-        """(q, k) as (B, heads, n, head_dim) and the softmax scale of ``block``'s attention.
+    def heads_and_scale(self, block: nn.Module) -> tuple[int, float]:
+        if self.kind == "hf":
+            return block.attention.num_attention_heads, block.attention.scaling
+        heads = block.attn.num_heads
+        return heads, (block.attn.embed_dim // heads) ** -0.5
+
+    def projections(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The q / k projection modules whose outputs can be captured while the block runs.
+
+        open_clip's ``nn.MultiheadAttention`` projects inside one functional call, so there
+        is nothing to capture and :meth:`project` recomputes.
+        """
+        if self.kind == "hf":
+            return {"q": block.attention.q_proj, "k": block.attention.k_proj}
+        return {}
+
+    def project(self, block: nn.Module, hidden: torch.Tensor, need_q: bool = True):
+        """Recompute ``block``'s (q, k) projections, (B, n, D) each, from its input ``hidden``.
 
         Only the projections asked for are computed (keys alone for similarity methods).
         """
-        B, n, D = hidden.shape
+        D = hidden.shape[-1]
         if self.kind == "hf":
             attn = block.attention
             x = block.layernorm_before(hidden)
-            q, k = attn.q_proj(x) if need_q else None, attn.k_proj(x)
-            heads, scale = attn.num_attention_heads, attn.scaling
-        else:
-            mha = block.attn
-            x = block.ln_1(hidden)
-            w, b = mha.in_proj_weight, mha.in_proj_bias
-            part = lambda i: F.linear(x, w[i * D : (i + 1) * D], None if b is None else b[i * D : (i + 1) * D])  # noqa: E731
-            q, k = part(0) if need_q else None, part(1)
-            heads = mha.num_heads
-            scale = (D // heads) ** -0.5
-        split = lambda t: None if t is None else t.view(B, n, heads, -1).transpose(1, 2)  # noqa: E731
-        return split(q), split(k), scale
+            return (attn.q_proj(x) if need_q else None), attn.k_proj(x)
+        w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+        x = block.ln_1(hidden)
+        part = lambda i: F.linear(x, w[i * D : (i + 1) * D], None if b is None else b[i * D : (i + 1) * D])  # noqa: E731
+        return (part(0) if need_q else None), part(1)
 
     def bias_kwargs(self, bias: torch.Tensor | None, heads: int, n: int) -> dict:
         """Pass an additive (B, 1, 1, n) key bias to a block in the form it takes."""
@@ -112,6 +123,9 @@ class EncoderAdapter(HookedAdapter):
         for i, block in enumerate(self.tower.blocks):
             self.hook(block.register_forward_pre_hook(self._make_block_hook(i), with_kwargs=True))
             self.hook(block.register_forward_hook(self._make_after_hook(i, i == last)))
+            if i + 1 in self.at:  # the next layer's pruners may read this block's q / k
+                for name, proj in self.tower.projections(block).items():
+                    self.hook(proj.register_forward_hook(self._make_capture(name)))
 
     def _open_call(self, module, args):
         self.call = {"stream": None, "stash": None}
@@ -131,17 +145,21 @@ class EncoderAdapter(HookedAdapter):
                 self._begin(call, hidden)
             stream, st = call["stream"], call["stream"].state
             st.layer, st.hidden = i, hidden
-            st._attention = (lambda q: self._attention(call, q)) if call["stash"] else None
-            st._keys = (lambda: self._keys(call)) if call["stash"] else None
+            stash = call["stash"]
+            current = stash is not None and stash["version"] == stream.version  # no skip in between
+            st._attention = (lambda q: self._attention(call, q)) if current else None
+            st._keys = (lambda: self._keys(call)) if current else None
             for pruner in self.at.get(i, ()):
                 reduction = pruner.select(st)
                 if reduction is None or reduction.is_noop(st):
                     continue
                 slots, _ = stream.reduce(i, reduction)
-                if call["stash"]:
-                    li, h = call["stash"]
-                    call["stash"] = (li, h.gather(1, slots[..., None].expand(-1, -1, h.shape[-1])))
-            call["stash"] = (i, st.hidden)
+                if current:  # a later pruner at this layer reads the previous block on the kept slots
+                    for key in ("hidden", "q", "k"):
+                        if stash[key] is not None:
+                            stash[key] = gather_rows(stash[key], slots)
+                    stash["version"] = stream.version
+            call["stash"] = {"layer": i, "hidden": st.hidden, "q": None, "k": None, "version": stream.version}
             n = st.num_slots
             stats = call["stats"]
             stats.tokens_per_layer.append(st.valid.sum(1).tolist())
@@ -151,7 +169,7 @@ class EncoderAdapter(HookedAdapter):
             if not stream.changed:
                 return None
             bias = self._key_bias(st)
-            heads = self._heads(block)
+            heads = self.tower.heads_and_scale(block)[0]
             args = (st.hidden, *args[1:]) if args else args
             if not args:
                 kwargs["hidden_states" if self.tower.kind == "hf" else "q_x"] = st.hidden
@@ -197,13 +215,29 @@ class EncoderAdapter(HookedAdapter):
             bias = hide if bias is None else bias + hide
         return None if bias is None else bias[:, None, None, :].to(st.hidden.dtype)
 
-    def _heads(self, block) -> int:
-        return block.attention.num_attention_heads if self.tower.kind == "hf" else block.attn.num_heads
+    def _make_capture(self, name):
+        def hook(module, args, output):
+            call = self.call
+            if call is not None and call["stash"] is not None:
+                call["stash"][name] = output
+
+        return hook
+
+    def _qk(self, call, need_q: bool = True):
+        """The previous block's (q, k) as (B, heads, n, head_dim): captured while it ran, else recomputed."""
+        stash = call["stash"]
+        block = self.tower.blocks[stash["layer"]]
+        q, k = stash["q"], stash["k"]
+        if k is None or (need_q and q is None):
+            q, k = self.tower.project(block, stash["hidden"], need_q)
+        heads, scale = self.tower.heads_and_scale(block)
+        B, n = k.shape[:2]
+        split = lambda t: t.view(B, n, heads, -1).transpose(1, 2)  # noqa: E731
+        return (split(q) if need_q else None), split(k), scale
 
     def _attention(self, call, query_slots):
-        li, hidden = call["stash"]
         st = call["stream"].state
-        q, k, scale = self.tower.qk(self.tower.blocks[li], hidden)
+        q, k, scale = self._qk(call)
         if query_slots is not None:
             q = q.gather(2, query_slots[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
         bias = self._key_bias(st)
@@ -211,6 +245,5 @@ class EncoderAdapter(HookedAdapter):
         return attention_probs(q, k, scale, visible, None if bias is None else bias.float().clamp_min(-1e4))
 
     def _keys(self, call):
-        li, hidden = call["stash"]
-        return self.tower.qk(self.tower.blocks[li], hidden, need_q=False)[1]
+        return self._qk(call, need_q=False)[1]
 

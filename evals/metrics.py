@@ -108,10 +108,20 @@ def _cpu_flash_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=
     return 2 * b * hq * sq * sk * d + 2 * b * hq * sq * sk * dv
 
 
+def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim, num_head, *args, out_shape=None, **kwargs) -> int:
+    """``aten._native_multi_head_attention`` (``nn.MultiheadAttention``'s inference fast path, e.g.
+    open_clip towers): q / k / v in-projections, q k^T, p v and the out-projection, batch first."""
+    b, sq, d = query_shape
+    sk = key_shape[1]
+    return 2 * b * d * embed_dim * (sq + 2 * sk) + 4 * b * sq * sk * embed_dim + 2 * b * sq * embed_dim * embed_dim
+
+
 #: Formulas the stock FlopCounterMode lacks (it would count 0 FLOPs for these ops).
 EXTRA_FLOP_FORMULAS = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_sdpa_flops
+if hasattr(torch.ops.aten, "_native_multi_head_attention"):
+    EXTRA_FLOP_FORMULAS[torch.ops.aten._native_multi_head_attention] = _native_mha_flops
 
 
 def flop_counter() -> FlopCounterMode:

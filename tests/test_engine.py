@@ -7,7 +7,7 @@ import tokenprune as tp
 from tokenprune.reductions import rectangular, top_k_mask
 from tokenprune.stats import decoder_layer_flops
 
-from .conftest import tiny_decoder
+from .conftest import tiny_decoder, tiny_encoder
 
 
 def state(valid, segments=None, hidden=None):
@@ -83,6 +83,32 @@ def test_attention_scores_match_eager_attention_weights():
     assert torch.allclose(got["scores"][0, :, 0], ref[0, :, 11], atol=1e-6)
     assert torch.allclose(got["scores"][1, :, 0], ref[1, :, 7], atol=1e-6)
     assert model.config._attn_implementation == "eager"
+
+
+def test_encoder_reads_attention_and_keys_of_the_running_block():
+    """ViT: a pruner before layer 2 sees block 1's own attention and keys, captured, not recomputed."""
+    model, _ = tiny_encoder("vit-eager")
+    x = torch.randn(2, 3, 32, 32)
+    got, k_calls = {}, []
+
+    class Spy(tp.ZeroTPrune):
+        def select(self, st):
+            got["attention"], got["keys"] = st.attention(), st.keys()
+            return super().select(st)
+
+    attention = model.vit.layers[1].attention
+    probe = attention.k_proj.register_forward_hook(lambda *a: k_calls.append(1))
+    with torch.no_grad():
+        ref = model(x, output_attentions=True).attentions[1]
+        hidden = model(x, output_hidden_states=True).hidden_states[1]  # block 1's input
+        keys = attention.k_proj(model.vit.layers[1].layernorm_before(hidden)).view(2, 65, 4, 16).transpose(1, 2)
+        k_calls.clear()
+        with tp.pruning(model, Spy(layer=2, keep_ratio=0.5)):
+            model(x)
+    probe.remove()
+    assert torch.allclose(got["attention"], ref, atol=1e-6)
+    assert torch.allclose(got["keys"], keys, atol=1e-6)
+    assert len(k_calls) == 1, "block 1's key projection must run once (captured, not recomputed)"
 
 
 def test_sdpa_model_stays_sdpa_while_pruning():

@@ -78,6 +78,16 @@ def test_flop_counter_counts_cpu_sdpa_like_the_analytic_formula():
     assert n == decoder_layer_flops(model.config, 20, 20)
 
 
+def test_flop_counter_counts_the_multihead_attention_fast_path():
+    # nn.MultiheadAttention (open_clip towers) runs one fused op in eval: counted like its slow path
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        fast = count_flops(lambda: mha(x, x, x, need_weights=False))
+        slow = count_flops(lambda: mha(x, x, x, need_weights=False, attn_mask=torch.zeros(9, 9)))
+    assert fast == slow == 2 * 2 * 9 * 32 * 32 * 4 + 4 * 2 * 9 * 9 * 32
+
+
 def test_tensor_memory_tracker_counts_live_new_tensors_only():
     weight = torch.ones(1000)  # exists before: never counted
     with TensorMemoryTracker() as m:

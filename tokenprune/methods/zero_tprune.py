@@ -22,10 +22,10 @@ from ..state import Segment
 
 def weighted_pagerank(attn: torch.Tensor, init: torch.Tensor, iterations: int) -> torch.Tensor:
     """Per-head importance (B, H, n): ``iterations`` steps of s <- A^T s (rows of A sum to 1)."""
-    s = init[:, None, :].expand(-1, attn.shape[1], -1)
+    s = init[:, None, None, :].expand(-1, attn.shape[1], 1, -1)
     for _ in range(iterations):
-        s = torch.einsum("bhij,bhi->bhj", attn, s)
-    return s
+        s = s @ attn  # row-vector times matrix: one batched matvec, no copy of attn
+    return s[:, :, 0]
 
 
 def head_filter(importance: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
