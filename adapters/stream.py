@@ -28,7 +28,7 @@ class Stream:
         self.N = state.num_slots  # tokens the forward brought in
         self.dense_count = self.alive_count = state.valid.sum(1)  # (B,) real tokens, and those not removed
         self.exits: torch.Tensor | None = None  # (B, N + 1, D): last hidden state per token; column N is a sink
-        self.redirects: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.redirects: list[tuple[torch.Tensor, ...]] = []  # (row, token, token whose output it takes)
         self.skip: tuple | None = None  # (layer, slots, valid, hidden of all slots, saved state fields)
         self.version = 0  # bumped whenever the slot set changes
         self.changed = False
@@ -74,18 +74,19 @@ class Stream:
         B, n, D = h.shape
         sink = torch.where(st.valid, st.index, self.N)
         out = self.exits.scatter(1, sink[..., None].expand(B, n, D), h)
-        for src, dst in reversed(self.redirects):
-            out.scatter_(1, src[..., None].expand(*src.shape, D), out.gather(1, dst[..., None].expand(*dst.shape, D)))
+        for row, src, dst in reversed(self.redirects):
+            out[row, src] = out[row, dst]
         return out[:, : self.N]
 
     def _remember_exits(self, full: torch.Tensor, reduction):
+        """Write the hidden states of the slots leaving now (kept ones are written later)."""
         st = self.state
         B, n, D = full.shape
         if self.exits is None:
             self.exits = full.new_zeros(B, self.N + 1, D)
-        sink = torch.where(st.valid, st.index, self.N)
-        self.exits.scatter_(1, sink[..., None].expand(B, n, D), full)
+        row, slot = (st.valid & ~reduction.keep).nonzero(as_tuple=True)
+        self.exits[row, st.index[row, slot]] = full[row, slot]
         redirect = reduction.redirect()
         if redirect is not None:
-            moved = (redirect >= 0) & st.valid
-            self.redirects.append((torch.where(moved, st.index, self.N), st.index.gather(1, redirect.clamp_min(0))))
+            row, slot = ((redirect >= 0) & st.valid).nonzero(as_tuple=True)
+            self.redirects.append((row, st.index[row, slot], st.index[row, redirect[row, slot]]))

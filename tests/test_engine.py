@@ -160,3 +160,18 @@ def test_concurrent_requests_on_one_model_do_not_share_state():
             parallel = list(pool.map(lambda p: model.generate(p, **gen), prompts * 2))
     for i, out in enumerate(parallel):
         assert torch.equal(out, serial[i % 4])
+
+
+def test_weighted_pagerank_is_the_power_iteration_in_any_chunking():
+    from tokenprune.methods.zero_tprune import weighted_pagerank
+
+    attn = torch.rand(5, 3, 7, 7).softmax(-1)
+    init = torch.rand(5, 7).softmax(-1)
+    ref = init[:, None, :].expand(-1, 3, -1)
+    for _ in range(4):
+        ref = torch.einsum("bhij,bhi->bhj", attn, ref)
+    assert torch.allclose(weighted_pagerank(attn, init, 4), ref, atol=1e-6)
+    assert torch.allclose(weighted_pagerank(attn, init, 4, chunk=2 * 3 * 49), ref, atol=1e-6)  # 3 chunks
+    chain = torch.tensor([[0.9, 0.1], [0.5, 0.5]])[None, None]  # stationary distribution (5/6, 1/6)
+    s = weighted_pagerank(chain, torch.tensor([[0.5, 0.5]]), 60)
+    assert torch.allclose(s[0, 0], torch.tensor([5 / 6, 1 / 6]), atol=1e-5)

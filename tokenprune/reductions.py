@@ -106,20 +106,33 @@ class Merge(Reduction):
     weight: torch.Tensor | None = None
 
     def combine(self, state: TokenState) -> torch.Tensor:
+        """Each kept slot that receives tokens becomes the weighted mean of itself and them.
+
+        Only the receiving rows are computed; every other slot is returned bit-identical.
+        """
         h = state.hidden
-        w = torch.ones(h.shape[:2], dtype=h.dtype, device=h.device) if self.weight is None else self.weight.to(h.dtype)
+        B, n, D = h.shape
+        row, slot = self._sources(state).nonzero(as_tuple=True)
+        if len(row) == 0:
+            return h
+        w = torch.ones(B * n, dtype=h.dtype, device=h.device) if self.weight is None else self.weight.to(h.dtype).reshape(-1)
+        flat, src = h.reshape(B * n, D), row * n + slot
+        targets, into = torch.unique(row * n + self.dst[row, slot], return_inverse=True)
+        num = (flat[targets] * w[targets, None]).index_add_(0, into, flat[src] * w[src, None])
+        den = w[targets].index_add(0, into, w[src])
+        out = flat.clone()
+        out[targets] = num / den.clamp_min(torch.finfo(h.dtype).tiny)[:, None]
+        return out.view(B, n, D)
+
+    def _sources(self, state: TokenState) -> torch.Tensor:
+        """(B, n) real slots that leave by merging into a kept slot."""
         src = (~self.keep) & (self.dst >= 0) & state.valid
-        target = torch.where(src, self.dst, torch.arange(h.shape[1], device=h.device).expand_as(self.dst))
-        w = torch.where(src | self.keep, w, torch.zeros_like(w))
-        num = torch.zeros_like(h).scatter_add_(1, target[..., None].expand_as(h), h * w[..., None])
-        den = torch.zeros_like(w).scatter_add_(1, target, w)
-        merged = num / den.clamp_min(torch.finfo(h.dtype).tiny)[..., None]
-        return torch.where((den > 0)[..., None] & self.keep[..., None], merged, h)
+        return src & self.keep.gather(1, self.dst.clamp_min(0))
 
     def redirect(self) -> torch.Tensor:
         return torch.where(self.keep, -1, self.dst)
 
     def sizes(self, state: TokenState) -> torch.Tensor:
         size = state.token_sizes()
-        src = (~self.keep) & (self.dst >= 0) & state.valid
+        src = self._sources(state)
         return size.scatter_add(1, self.dst.clamp_min(0), torch.where(src, size, torch.zeros_like(size)))
