@@ -60,7 +60,8 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, visible: tor
     """softmax(q k^T * scale + bias) over visible keys, in float32. q: (B,H,q,d), k: (B,Hk,n,d)."""
     if q.shape[1] != k.shape[1]:  # grouped-query attention
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)).mul_(scale)
+    # scale the (q, d) operand rather than the (q, n) scores; contiguous operands make one fast bmm
+    scores = (q.float() * scale).contiguous() @ k.float().contiguous().transpose(-1, -2)
     if bias is not None:
         scores += bias
     if not bool(visible.all()):

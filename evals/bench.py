@@ -4,13 +4,17 @@
     python -m tokenprune.evals.bench vit [--batch 16] [--flops-cut 0.347]
 
 llm: SmolLM2-135M prefill. vit: a DeiT-S-shaped ViT (random weights: speed only) with
-Zero-TPrune and ToMe at the paper's FLOPs cut, images/s dense vs pruned.
+Zero-TPrune and ToMe at the paper's FLOPs cut, images/s dense vs pruned, plus random drop at
+Zero-TPrune's token counts (the engine's own cost without a scoring method).
 
-The ideal is the dense model's own time at the kept token counts: layers before the
-pruning layer timed at the full length, layers after it at the kept length. Uses CUDA
-events on a GPU, ``perf_counter`` on the CPU. FLOPs are the decoder layers' exact counts
-from ``tokenprune.stats.decoder_layer_flops`` (checked against ``torch.utils.flop_counter``
-in the tests; the counter itself skips the CPU SDPA kernel, so it cannot be used directly).
+llm's ideal is the dense model's own time at the kept token counts: layers before the
+pruning layer timed at the full length, layers after it at the kept length. vit's ideal gain
+is what a time exactly proportional to the blocks' FLOPs would give, 1 / (1 - FLOPs cut) - 1.
+Uses CUDA events on a GPU, ``perf_counter`` on the CPU. FLOPs are the adapters' exact counts
+(``tokenprune.stats.decoder_layer_flops``, ``adapters.encoder.block_flops``; both checked
+against ``torch.utils.flop_counter`` in the tests; the stock counter skips the CPU SDPA
+kernel, so it is not used directly). Scoring work (recomputed attention, PageRank) is not in
+the FLOPs: it shows as time above the ideal.
 """
 from __future__ import annotations
 
@@ -140,7 +144,7 @@ def keep_for_cut(model, make, cut: float) -> float:
 
 @torch.no_grad()
 def bench_vit(batch=16, cut=0.347, repeats=3, device=None) -> list[dict]:
-    from .. import ToMe, ZeroTPrune
+    from .. import RandomDrop, ToMe, ZeroTPrune
 
     device = pick_device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -151,6 +155,10 @@ def bench_vit(batch=16, cut=0.347, repeats=3, device=None) -> list[dict]:
         "tome": lambda k: ToMe(layer=tuple(range(1, 12)), keep_ratio=k),
     }
     pruners = {name: make(keep_for_cut(model, make, cut)) for name, make in schedules.items()}
+    # the same token counts as Zero-TPrune with (almost) free scoring: what the engine alone costs
+    floor = pruners["zero-tprune"]
+    pruners["random"] = RandomDrop(layer=floor.layer, keep_ratio=floor.keep_ratio, segment="visual",
+                                   protect_first=0, protect_last=0)
 
     def run_with(pruner):
         def fn():

@@ -175,3 +175,15 @@ def test_weighted_pagerank_is_the_power_iteration_in_any_chunking():
     chain = torch.tensor([[0.9, 0.1], [0.5, 0.5]])[None, None]  # stationary distribution (5/6, 1/6)
     s = weighted_pagerank(chain, torch.tensor([[0.5, 0.5]]), 60)
     assert torch.allclose(s[0, 0], torch.tensor([5 / 6, 1 / 6]), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vit-sdpa", "open_clip"])
+def test_encoder_block_flops_match_flop_counter(kind):
+    from tokenprune.adapters.encoder import block_flops, find_tower
+    from tokenprune.evals.metrics import count_flops
+
+    model, _ = tiny_encoder(kind)
+    block = find_tower(model).blocks[1]
+    x = torch.randn(3, 29, 64)
+    with torch.no_grad():
+        assert count_flops(lambda: block(x)) == 3 * block_flops(block, 29, 64)

@@ -22,7 +22,7 @@ def bipartite_merge(keys: torch.Tensor, candidates: torch.Tensor, remove: torch.
     rank = candidates.long().cumsum(dim=1) - 1
     a = candidates & (rank % 2 == 0)
     b = candidates & (rank % 2 == 1)
-    sim = (k @ k.transpose(-1, -2)).masked_fill(~(a[:, :, None] & b[:, None, :]), float("-inf"))
+    sim = (k @ k.transpose(-1, -2)).masked_fill_(~b[:, None, :], float("-inf"))  # rows outside A are never read
     best, target = sim.max(dim=-1)
     merged = top_k_mask(best, a, count=torch.minimum(remove, a.sum(1)))
     return Merge(keep=valid & ~merged, dst=torch.where(merged, target, -1), weight=sizes)
