@@ -372,7 +372,9 @@ def plot_accuracy_vs_flops(rows: list[dict], path: str) -> str:
     models = list(dict.fromkeys(r["model"] for r in ok))
     cols = min(len(models), 3)
     nrows = math.ceil(len(models) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.6 * cols, 4.4 * nrows), squeeze=False)
+    most = max(len({r["label"] for r in ok if r["model"] == m}) for m in models)
+    # legend under each panel, so it never hides points
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.6 * cols, (4.4 + 0.2 * most) * nrows), squeeze=False)
     markers = "osD^vP*X"
     for ax, model in zip(axes.flat, models):
         mrows = [r for r in ok if r["model"] == model]
@@ -398,7 +400,8 @@ def plot_accuracy_vs_flops(rows: list[dict], path: str) -> str:
         ax.set_xlabel(f"FLOPs relative to dense ({first['flops_source']})")
         ax.set_ylabel(f"{first['metric']} ({direction} is better)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, title="method (labels: budget)", title_fontsize=7)
+        ax.legend(fontsize=7, title="method (labels: budget)", title_fontsize=7, loc="upper left",
+                  bbox_to_anchor=(0.0, -0.14))
     for ax in list(axes.flat)[len(models):]:
         ax.set_visible(False)
     fig.tight_layout()
