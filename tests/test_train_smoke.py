@@ -1,0 +1,87 @@
+"""The evals/train/ scripts made the committed zoo testbeds and must keep running: ~2 steps each, output must load."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokenprune.zoo import data
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "tokenprune" / "zoo" / "weights"
+no_fmnist = pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
+                               reason="apt-get install dataset-fashion-mnist")
+no_easy_vqa = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None, reason="pip install easy-vqa")
+
+
+def check_vit(out):
+    from transformers import ViTForImageClassification, ViTImageProcessor
+
+    model = ViTForImageClassification.from_pretrained(out, local_files_only=True).eval()
+    px = ViTImageProcessor.from_pretrained(out)(images=[Image.new("L", (28, 28))], return_tensors="pt")["pixel_values"]
+    return model(pixel_values=px).logits
+
+
+def check_clip(out):
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(out))
+    img = model.eval().encode_image(preprocess(Image.new("RGB", (64, 64)))[None])
+    return torch.cat([img, model.encode_text(open_clip.get_tokenizer("local-dir:" + str(out))(["a red circle"]))])
+
+
+def check_llava(out):
+    from tokenprune.zoo.llava import load_tiny_llava
+    from tokenprune.zoo.vqa_data import build_prompt
+
+    model, processor = load_tiny_llava(path=str(out))
+    x = processor(images=np.zeros((64, 64, 3), np.uint8), text=build_prompt("what color is the shape?"),
+                  return_tensors="pt")
+    return model(**x).logits
+
+
+def check_t2i(out):
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+    from tokenprune.zoo import t2i
+
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True).eval()
+    ddim = DDIMScheduler.from_config(t2i.ddim_config(dict(DDPMScheduler.from_pretrained(out / "scheduler").config)))
+    images = t2i.build_pipeline(unet, scheduler=ddim)(["a red circle"], num_inference_steps=2, output_type="pt").images
+    shape_logits, color_logits = t2i.load_judge(out / "judge")(images * 2 - 1)
+    return torch.cat([images.flatten(), shape_logits.flatten(), color_logits.flatten()])
+
+
+SCRIPTS = [  # script, smallest flags (~2 optimisation steps each), loader check
+    pytest.param("train_tiny_vit.py", ["--epochs", "1", "--teacher-epochs", "1", "--train-limit", "128",
+                                       "--eval-limit", "16"], check_vit, marks=no_fmnist, id="vit"),
+    pytest.param("train_tiny_clip.py", ["--steps", "2", "--batch-size", "8", "--train-limit", "16",
+                                        "--eval-limit", "16"], check_clip, marks=[no_fmnist, no_easy_vqa], id="clip"),
+    # its locality check always scores 1000 test questions x 5 masks: 1-layer towers keep that ~10 s
+    pytest.param("train_tiny_llava.py", ["--vision-epochs", "1", "--vision-batch", "4", "--epochs", "1",
+                                         "--images-per-batch", "4", "--limit-images", "8", "--eval-limit", "8",
+                                         "--vision-layers", "1", "--text-layers", "1"], check_llava,
+                 marks=no_easy_vqa, id="llava"),
+    pytest.param("train_tiny_t2i.py", ["--steps", "2", "--batch", "8", "--judge-epochs", "1", "--eval-n", "24",
+                                       "--eval-steps", "1", "--eval-guidance", "1.0"], check_t2i,
+                 marks=no_easy_vqa, id="t2i"),
+]
+
+
+@pytest.mark.parametrize("script, flags, check", SCRIPTS)
+def test_train_script_smoke(script, flags, check, tmp_path):
+    out = tmp_path / "out"
+    before = {p: p.stat().st_mtime_ns for p in WEIGHTS.rglob("*")}
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, str(REPO / "evals" / "train" / script), *flags, "--out", str(out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert {p: p.stat().st_mtime_ns for p in WEIGHTS.rglob("*")} == before, "smoke run touched the shipped weights"
+    with torch.no_grad():
+        y = check(out)
+    assert y.numel() > 0 and torch.isfinite(y).all()
