@@ -449,7 +449,8 @@ class ZeroShotTask(Task):
 class VQATask(Task):
     """Exact-match accuracy of ``tiny-llava`` greedy answers on a seeded subset of easy-vqa test
     questions (``tokenprune.zoo.vqa_data.vqa_accuracy``: left-padded batches, ``max_new_tokens``
-    from the model's generation config unless given; the answer is the last generated word). Pruners default to the visual segment (e.g. FastV's original setting). Fidelity: agreement
+    from the model's generation config unless given; the answer is the last generated word).
+    Pruners default to the visual segment (e.g. FastV's original setting). Fidelity: agreement
     of the answers with the dense model's (no vectors). FLOPs: the language model's decoder layers
     (analytic); ``flops_counted`` includes the vision tower and projector."""
 

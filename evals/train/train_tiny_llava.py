@@ -81,8 +81,7 @@ GRID = IMAGE_SIZE // PATCH_SIZE
 NUM_IMAGE_TOKENS = GRID ** 2  # 64
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
-COLORS = ["red", "green", "blue", "black", "gray", "teal", "yellow", "brown"]
-SHAPES = ["circle", "rectangle", "triangle"]
+COLORS, SHAPES = vqa_data.EASY_VQA_COLORS, vqa_data.EASY_VQA_SHAPES
 N_CLASSES = len(COLORS) * len(SHAPES)
 
 

@@ -15,6 +15,10 @@ answers (13 possible: 8 colors, 3 shapes, yes, no). Splits: train 38,575 questio
   question word with what it read from 64 visual tokens in one step (it fell back to the yes/no
   prior of the question form); writing both values next to each other first makes the comparison a local lookup.
   Every answer still depends on the visual tokens (the seen value is read from them).
+
+The module imports nothing from the package at import time, so training scripts can load it
+by file path without running ``tokenprune/zoo/__init__.py`` (which imports every loader); that
+is why it keeps its own copy of the color / shape lists that ``zoo/data.py`` also has.
 """
 from __future__ import annotations
 
