@@ -62,6 +62,39 @@ def mask_keys(mask: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
 
 
+CACHE_RULE = ("a KV cache filled under a pruner can only be continued by the attachment that filled it "
+              "(same handle, before remove()); start a new cache instead")
+
+
+def check_foreign_cache(cache, request) -> None:
+    """Refuse a cache tokenprune cannot continue, before the model runs on it.
+
+    A cache this attachment filled but whose length changed since, or one it did not fill
+    whose layers hold different key counts (filled under another pruner), would otherwise fail
+    deep inside attention, or silently attend to the wrong keys.
+    """
+    if request is not None:
+        raise TokenPruneError(f"this KV cache holds {cache.get_seq_length()} tokens, tokenprune left it at "
+                              f"{request.dense_len}: it was cropped or extended outside tokenprune; {CACHE_RULE}")
+    counts = [layer.get_seq_length() for layer in getattr(cache, "layers", ()) if hasattr(layer, "get_seq_length")]
+    if len(set(counts)) > 1:
+        raise TokenPruneError(f"this KV cache was filled under another pruner (its layers hold {counts} keys); "
+                              + CACHE_RULE)
+
+
+def retire_cache(cache) -> None:
+    """At ``remove()``: make the pruned caches this attachment filled refuse further use.
+
+    Without hooks the dense model would attend to a pruned layer's keys at the wrong positions
+    (silently with SDPA and one query); this instance attribute turns that into the rule.
+    """
+
+    def refuse(*args, **kwargs):
+        raise TokenPruneError("this KV cache was filled under a pruner that has been removed; " + CACHE_RULE)
+
+    cache.update = refuse
+
+
 @dataclass
 class Request:
     """One prompt's prefill and decode steps; lives as long as its KV cache."""
@@ -131,6 +164,9 @@ class DecoderAdapter(HookedAdapter):
 
     def detach(self):
         super().detach()
+        for cache, request in list(self._requests.items()):
+            if request.key_index:  # its layers hold fewer keys than the dense model expects
+                retire_cache(cache)
         self._requests = weakref.WeakKeyDictionary()
 
     # ---- call lifecycle -------------------------------------------------------------
@@ -144,7 +180,8 @@ class DecoderAdapter(HookedAdapter):
             mode = "decode"
         elif seen == 0:
             mode, request = "prefill", Request()
-        else:  # a cache filled without us: stay out of the way
+        else:  # a cache filled without us (or changed since): dense caches run dense, pruned ones raise
+            check_foreign_cache(cache, request)
             mode, request = "off", Request()
         self.call = Call(request, mode, mask2d, self.segments)
 
