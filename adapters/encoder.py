@@ -1,4 +1,4 @@
-"""ViT-style encoders: HF ViT / DeiT and the open_clip ``VisionTransformer``.
+"""ViT-style encoders: HF ViT / DeiT, HF CLIP vision towers and the open_clip ``VisionTransformer``.
 
 Reductions run between blocks. The prefix tokens (CLS, DeiT's distillation token) are
 ``Segment.SYSTEM`` and patches ``Segment.VISUAL``, so pruners that target "visual" never
@@ -8,7 +8,10 @@ second projection; only softmax(q k^T) is computed again, since SDPA never mater
 open_clip's are recomputed from block i-1's input. Merged tokens carry their size
 and, as in ToMe, get proportional attention (log-size added to their attention logits).
 Outputs keep the dense shape (removed tokens exit with their last hidden state, merged
-ones take their target's output).
+ones take their target's output). When a call records hidden states (HF
+``output_hidden_states``, which LLaVA sets to read ``hidden_states[vision_feature_layer]``),
+every block's output is given back at the dense length too, because transformers v5
+records them with forward hooks on the blocks; the next block takes its slots back out.
 """
 from __future__ import annotations
 
@@ -32,13 +35,21 @@ class Tower:
     root: nn.Module  # module whose forward is one image batch (opens/closes a call)
     blocks: nn.ModuleList
     prefix: int  # leading non-patch tokens
-    kind: str  # "hf" | "open_clip"
+    kind: str  # "hf" (ViT / DeiT layers) | "clip" (HF CLIPEncoderLayer) | "open_clip"
+
+    def attn(self, block: nn.Module) -> nn.Module:
+        return {"hf": lambda: block.attention, "clip": lambda: block.self_attn, "open_clip": lambda: block.attn}[self.kind]()
+
+    def norm1(self, block: nn.Module) -> nn.Module:
+        return {"hf": lambda: block.layernorm_before, "clip": lambda: block.layer_norm1, "open_clip": lambda: block.ln_1}[self.kind]()
 
     def heads_and_scale(self, block: nn.Module) -> tuple[int, float]:
+        attn = self.attn(block)
         if self.kind == "hf":
-            return block.attention.num_attention_heads, block.attention.scaling
-        heads = block.attn.num_heads
-        return heads, (block.attn.embed_dim // heads) ** -0.5
+            return attn.num_attention_heads, attn.scaling
+        if self.kind == "clip":
+            return attn.num_heads, attn.scale
+        return attn.num_heads, (attn.embed_dim // attn.num_heads) ** -0.5
 
     def projections(self, block: nn.Module) -> dict[str, nn.Module]:
         """The q / k projection modules whose outputs can be captured while the block runs.
@@ -46,9 +57,10 @@ class Tower:
         open_clip's ``nn.MultiheadAttention`` projects inside one functional call, so there
         is nothing to capture and :meth:`project` recomputes.
         """
-        if self.kind == "hf":
-            return {"q": block.attention.q_proj, "k": block.attention.k_proj}
-        return {}
+        if self.kind == "open_clip":
+            return {}
+        attn = self.attn(block)
+        return {"q": attn.q_proj, "k": attn.k_proj}
 
     def project(self, block: nn.Module, hidden: torch.Tensor, need_q: bool = True):
         """Recompute ``block``'s (q, k) projections, (B, n, D) each, from its input ``hidden``.
@@ -56,18 +68,16 @@ class Tower:
         Only the projections asked for are computed (keys alone for similarity methods).
         """
         D = hidden.shape[-1]
-        if self.kind == "hf":
-            attn = block.attention
-            x = block.layernorm_before(hidden)
+        attn, x = self.attn(block), self.norm1(block)(hidden)
+        if self.kind != "open_clip":
             return (attn.q_proj(x) if need_q else None), attn.k_proj(x)
-        w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-        x = block.ln_1(hidden)
+        w, b = attn.in_proj_weight, attn.in_proj_bias
         part = lambda i: F.linear(x, w[i * D : (i + 1) * D], None if b is None else b[i * D : (i + 1) * D])  # noqa: E731
         return (part(0) if need_q else None), part(1)
 
     def bias_kwargs(self, bias: torch.Tensor | None, heads: int, n: int) -> dict:
         """Pass an additive (B, 1, 1, n) key bias to a block in the form it takes."""
-        if self.kind == "hf":
+        if self.kind != "open_clip":
             return {"attention_mask": bias}
         if bias is None:
             return {"attn_mask": None}
@@ -76,9 +86,14 @@ class Tower:
 
 
 def find_tower(model: nn.Module) -> Tower | None:
-    for m in (model, getattr(model, "visual", None), getattr(model, "base_model", None)):
+    for m in (model, getattr(model, "visual", None), getattr(model, "base_model", None),
+              getattr(model, "vision_model", None)):
         if m is None:
             continue
+        layers = getattr(getattr(m, "encoder", None), "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(m, "pre_layrnorm") \
+                and hasattr(layers[0], "layer_norm1") and hasattr(getattr(layers[0], "self_attn", None), "q_proj"):
+            return Tower(m, layers, 1, "clip")  # CLIPVisionModel: CLS + patches
         layers = getattr(m, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "layernorm_before") \
                 and hasattr(getattr(layers[0], "attention", None), "q_proj"):
@@ -99,7 +114,9 @@ def block_flops(block: nn.Module, n: int, width: int) -> int:
 
 
 class EncoderAdapter(HookedAdapter):
-    family = "ViT encoders: HF ViT / DeiT (ViTModel, ViTForImageClassification, DeiT*) and open_clip VisionTransformer / CLIP"
+    stack = "vision"
+    family = ("ViT encoders: HF ViT / DeiT (ViTModel, ViTForImageClassification, DeiT*), HF CLIPVisionModel "
+              "and open_clip VisionTransformer / CLIP")
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -117,18 +134,21 @@ class EncoderAdapter(HookedAdapter):
         self.proportional = proportional_attention
 
     def attach(self):
-        self.hook(self.tower.root.register_forward_pre_hook(self._open_call))
+        self.hook(self.tower.root.register_forward_pre_hook(self._open_call, with_kwargs=True))
         self.hook(self.tower.root.register_forward_hook(self._close_call, always_call=True))
         last = len(self.tower.blocks) - 1
         for i, block in enumerate(self.tower.blocks):
             self.hook(block.register_forward_pre_hook(self._make_block_hook(i), with_kwargs=True))
-            self.hook(block.register_forward_hook(self._make_after_hook(i, i == last)))
+            # first of the block's forward hooks: HF's hidden-state recorders then see what we return
+            self.hook(block.register_forward_hook(self._make_after_hook(i, i == last), prepend=True))
             if i + 1 in self.at:  # the next layer's pruners may read this block's q / k
                 for name, proj in self.tower.projections(block).items():
                     self.hook(proj.register_forward_hook(self._make_capture(name)))
 
-    def _open_call(self, module, args):
-        self.call = {"stream": None, "stash": None}
+    def _open_call(self, module, args, kwargs):
+        # as HF's capture_outputs decides: the call's flag, else the config's
+        record = kwargs.get("output_hidden_states", getattr(getattr(module, "config", None), "output_hidden_states", None))
+        self.call = {"stream": None, "stash": None, "record": bool(record), "dense_out": False}
 
     def _close_call(self, module, args, output):
         call, self.call = self.call, None
@@ -144,6 +164,8 @@ class EncoderAdapter(HookedAdapter):
             if i == 0:
                 self._begin(call, hidden)
             stream, st = call["stream"], call["stream"].state
+            if call["dense_out"]:  # the previous block gave its output back at the dense length
+                hidden, call["dense_out"] = gather_rows(hidden, st.index), False
             st.layer, st.hidden = i, hidden
             stash = call["stash"]
             current = stash is not None and stash["version"] == stream.version  # no skip in between
@@ -172,8 +194,8 @@ class EncoderAdapter(HookedAdapter):
             heads = self.tower.heads_and_scale(block)[0]
             args = (st.hidden, *args[1:]) if args else args
             if not args:
-                kwargs["hidden_states" if self.tower.kind == "hf" else "q_x"] = st.hidden
-            if self.tower.kind == "hf" and len(args) > 1:
+                kwargs["q_x" if self.tower.kind == "open_clip" else "hidden_states"] = st.hidden
+            if self.tower.kind != "open_clip" and len(args) > 1:
                 args = (args[0], bias, *args[2:])
             else:
                 kwargs.update(self.tower.bias_kwargs(bias, heads, n))
@@ -188,8 +210,10 @@ class EncoderAdapter(HookedAdapter):
                 return None
             out = call["stream"].unskip(i, output)
             out = output if out is None else out
-            if last:
+            if last or call["record"]:
                 restored = call["stream"].restore(out)
+                if restored is not None and not last:
+                    call["dense_out"] = True
                 return out if restored is None else restored
             return out
 

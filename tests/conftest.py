@@ -42,7 +42,7 @@ def smollm2():
 
 VIT = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=4,
            num_attention_heads=4, intermediate_size=128, num_labels=10)
-ENCODERS = ["vit-sdpa", "vit-eager", "deit", "open_clip"]
+ENCODERS = ["vit-sdpa", "vit-eager", "deit", "open_clip", "clip"]
 
 
 def tiny_encoder(kind: str, seed: int = 0):
@@ -60,6 +60,17 @@ def tiny_encoder(kind: str, seed: int = 0):
     if kind == "deit":
         model = T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**VIT)).eval()
         return model, lambda x: model(x).logits
+    if kind == "clip":  # the tower class LLaVA holds; read as LLaVA does (hidden_states[-2]) and pooled
+        config = {k: v for k, v in VIT.items() if k != "num_labels"}
+        model = T.CLIPVisionModel(T.CLIPVisionConfig(**config, attn_implementation="sdpa")).eval()
+
+        def forward(x):
+            out = model(x, output_hidden_states=-2)
+            return torch.cat([out.hidden_states[-2], out.pooler_output[:, None]], dim=1)
+
+        with torch.no_grad():  # transformers installs its hidden-state recorders (hooks) on the first such call
+            forward(torch.zeros(1, 3, 32, 32))
+        return model, forward
     impl = kind.split("-")[1]
     model = T.ViTForImageClassification(T.ViTConfig(**VIT, attn_implementation=impl)).eval()
     return model, lambda x: model(x).logits
