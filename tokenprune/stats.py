@@ -40,6 +40,7 @@ class Stats:
     kv_bytes: int = 0
     dense_kv_bytes: int = 0
     forward_calls: int = 0
+    vision: "Stats | None" = None  # an LVLM's vision tower, when a pruner targets it
 
     @property
     def flops_ratio(self) -> float:
@@ -49,13 +50,27 @@ class Stats:
     def kv_ratio(self) -> float:
         return self.kv_bytes / self.dense_kv_bytes if self.dense_kv_bytes else 1.0
 
+    @property
+    def pruned_anything(self) -> bool:
+        """False when every layer saw every token (the pruned call did the dense model's work)."""
+        dense = sum(self.dense_tokens)
+        return any(sum(row) < dense for row in self.tokens_per_layer)
+
     def summary(self) -> str:
         per_layer = [sum(row) for row in self.tokens_per_layer]
-        return (
+        text = (
             f"tokens/layer {per_layer} (dense {sum(self.dense_tokens)}), "
             f"FLOPs {self.flops / 1e9:.3f}G vs {self.dense_flops / 1e9:.3f}G ({self.flops_ratio:.1%}), "
             f"KV {self.kv_bytes / 2**20:.2f} MiB vs {self.dense_kv_bytes / 2**20:.2f} MiB ({self.kv_ratio:.1%})"
         )
+        if self.tokens_per_layer and not self.pruned_anything:
+            # say why, or a user reads "100%" as a broken pruner
+            text += (
+                f"\nnothing was pruned: all {sum(self.dense_tokens)} input tokens reached every layer. Pruners "
+                "reduce only candidates (tokens of their segment, minus the first protect_first and last "
+                "protect_last prompt tokens): a prompt this short may have none, or keep_ratio keeps them all."
+            )
+        return text
 
     def to_dict(self) -> dict:
         return {
