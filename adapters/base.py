@@ -12,12 +12,17 @@ from ..errors import TokenPruneError
 class HookedAdapter:
     """Removable hooks + one call state per thread (concurrent requests never share state)."""
 
+    stack = "language"  # what ``Pruner.target`` this adapter's layers are: "language" or "vision"
+
     def __init__(self, pruners, num_layers: int, min_layer: int = 0):
         self.pruners = pruners
         self.at: dict[int, list] = {}
         for p in pruners:
+            if p.target not in ("auto", self.stack):
+                where = "vision tower" if p.target == "vision" else "language model"
+                raise TokenPruneError(f"{p.name} has target={p.target!r}, but this model has no {where} to prune")
             p.validate(num_layers)
-            for layer in p.layers():
+            for layer in p.layers_on(num_layers):
                 if layer < min_layer:
                     raise TokenPruneError(f"{p.name}: this model family is reduced from layer {min_layer} on, got {layer}")
                 self.at.setdefault(layer, []).append(p)
@@ -53,6 +58,15 @@ class HookedAdapter:
     @property
     def segments(self):
         return getattr(self._local, "segments", None)
+
+    @property
+    def token_info(self) -> dict:
+        """Per-token facts for this thread's next prefill (set by a wrapping adapter, e.g. the LVLM's)."""
+        return getattr(self._local, "token_info", None) or {}
+
+    @token_info.setter
+    def token_info(self, value: dict | None):
+        self._local.token_info = value
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, visible: torch.Tensor,

@@ -240,7 +240,8 @@ class DecoderAdapter(HookedAdapter):
             segments = torch.full((B, N), int(Segment.GENERATED), device=dev)
             valid = torch.ones(B, N, dtype=torch.bool, device=dev)  # new tokens: padding was already counted
         index = torch.arange(N, device=dev).expand(B, N)
-        call.stream = Stream(TokenState(0, len(self.layers), hidden, index, valid, segments.to(dev)))
+        info = dict(self.token_info) if call.mode == "prefill" else {}
+        call.stream = Stream(TokenState(0, len(self.layers), hidden, index, valid, segments.to(dev), token_info=info))
         mask = kwargs.get("attention_mask")
         if mask is not None and not torch.is_tensor(mask):
             raise UnsupportedModelError("tokenprune needs tensor attention masks (sdpa or eager attention)")

@@ -6,6 +6,16 @@ import transformers as T
 # Tiny models run faster on one thread, and a shared CI machine does not thrash.
 torch.set_num_threads(1)
 
+# Property tests (tests/test_properties.py): a small, repeatable default that fits the suite's
+# budget; `pytest --hypothesis-profile=thorough` draws many more (and new) examples.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("quick", max_examples=8, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=_SLOW_OK)
+settings.register_profile("thorough", max_examples=150, deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile("quick")
+
 COMMON = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=None, bos_token_id=1,
@@ -79,3 +89,39 @@ def tiny_encoder(kind: str, seed: int = 0):
 @pytest.fixture(params=ENCODERS)
 def encoder(request):
     return tiny_encoder(request.param)
+
+
+LLAVA_IMAGE_TOKEN = 127
+
+
+def tiny_llava(seed: int = 0, feature_layer: int = -1, vision_attn: str = "sdpa"):
+    """A random LlavaForConditionalGeneration: 2-layer CLIP tower (32x32 images, 4x4 patch grid), 4-layer Llama."""
+    torch.manual_seed(seed)
+    vision = T.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2)
+    text = T.LlamaConfig(**COMMON, attn_implementation="sdpa")
+    config = T.LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_TOKEN,
+                           vision_feature_layer=feature_layer, vision_feature_select_strategy="default")
+    model = T.LlavaForConditionalGeneration(config).eval()
+    model.model.vision_tower.config._attn_implementation = vision_attn  # LlavaConfig resets sub-configs' choice
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def llava_inputs(questions=(9, 5), images_per_prompt=1, seed=0):
+    """Left-padded batch: row b = [bos, <image> x 16 per image, `questions[b]` random text tokens]."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for q in questions:
+        ids = [1]
+        for _ in range(images_per_prompt):
+            ids += [LLAVA_IMAGE_TOKEN] * 16 + [5]
+        ids += torch.randint(6, 120, (q,), generator=g).tolist()
+        rows.append(ids)
+    n = max(map(len, rows))
+    input_ids = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for b, ids in enumerate(rows):
+        input_ids[b, n - len(ids):], mask[b, n - len(ids):] = torch.tensor(ids), 1
+    pixels = torch.randn(len(rows) * images_per_prompt, 3, 32, 32, generator=g)
+    return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)

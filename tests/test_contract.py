@@ -225,7 +225,7 @@ def test_unsupported_models_are_refused():
         __import__("transformers").BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     )
     for model in (torch.nn.Linear(4, 4), bert):
-        with pytest.raises(tp.UnsupportedModelError, match="Supported families: decoder LLMs"):
+        with pytest.raises(tp.UnsupportedModelError, match="Supported families:.*decoder LLMs"):
             tp.prune(model, tp.FastV())
     with pytest.raises(tp.TokenPruneError, match="expected a Pruner"):
         tp.prune(tiny_decoder("llama-sdpa"), "fastv")

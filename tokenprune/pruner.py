@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .errors import TokenPruneError
@@ -10,6 +10,7 @@ from .reductions import Reduction
 from .state import Segment, TokenState
 
 _REGISTRY: dict[str, type["Pruner"]] = {}
+TARGETS = ("auto", "vision", "language")
 
 
 def register_pruner(name: str):
@@ -49,16 +50,32 @@ class Pruner:
     """
 
     name: ClassVar[str] = ""
+    #: which part of a multi-stack model (an LVLM) ``target="auto"`` means for this method
+    default_target: ClassVar[str] = "language"
+
+    target: str = field(default="auto", kw_only=True)  # "vision" / "language": where in an LVLM it goes
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise TokenPruneError(f"{self.name}: target must be one of {TARGETS}, got {self.target!r}")
+
+    def resolved_target(self) -> str:
+        """``"vision"`` (an LVLM's vision tower) or ``"language"`` (its decoder)."""
+        return self.default_target if self.target == "auto" else self.target
 
     def layers(self) -> list[int]:
         raise NotImplementedError
+
+    def layers_on(self, num_layers: int) -> list[int]:
+        """The layers ``select`` runs before on a model of ``num_layers`` layers (default: ``layers()``)."""
+        return self.layers()
 
     def select(self, state: TokenState) -> Reduction | None:
         raise NotImplementedError
 
     def validate(self, num_layers: int) -> None:
         """Check the config against a model with ``num_layers`` layers (raises TokenPruneError)."""
-        for layer in self.layers():
+        for layer in self.layers_on(num_layers):
             if not 0 <= layer < num_layers:
                 raise TokenPruneError(
                     f"{self.name}: layer {layer} is beyond the model, which has {num_layers} layers (0..{num_layers - 1})"
@@ -93,6 +110,7 @@ class SegmentDropPruner(Pruner):
     protect_last: int = 4
 
     def __post_init__(self):
+        super().__post_init__()
         layers = list(self.layer) if isinstance(self.layer, (list, tuple)) else [self.layer]
         if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):
             raise TokenPruneError(f"{self.name}: layer must be an integer >= 1 or a list of them, got {self.layer!r}")

@@ -48,9 +48,17 @@ class TokenState:
     valid: torch.Tensor  # (B, n) bool
     segments: torch.Tensor  # (B, n) Segment ids
     sizes: torch.Tensor | None = None  # (B, n) original tokens per slot (after merges); None = all 1
+    # U-Net blocks: the slots are the row-major pixels of an (h, w) feature map, ``downsample``
+    # times smaller than the model's input, at diffusion ``timestep`` (None where not applicable)
+    grid: tuple[int, int] | None = None
+    downsample: int | None = None
+    timestep: float | None = None
     _attention: Callable[[torch.Tensor | None], torch.Tensor] | None = field(default=None, repr=False)
     _keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     input_segments: frozenset = field(default=frozenset(), repr=False)
+    # per original token (B, N, ...) facts an adapter knows, e.g. an LVLM's "image", "row", "col";
+    # a value may be a zero-argument callable, computed once on first use
+    token_info: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         # what the input contained, so "segment missing" is told apart from "already pruned away"
@@ -79,6 +87,22 @@ class TokenState:
         if self._keys is None:
             raise TokenPruneError(f"attention keys are not available at layer {self.layer}")
         return self._keys()
+
+    def info(self, name: str) -> torch.Tensor:
+        """Per-slot ``(B, n, ...)`` view of the adapter-provided fact ``name`` (see ``token_info``).
+
+        Methods read model facts through this (an LVLM's patch grid coordinates, pixels,
+        vision-tower attention), so they never need to know the model class.
+        """
+        if name not in self.token_info:
+            known = ", ".join(sorted(self.token_info)) or "none"
+            raise TokenPruneError(f"this model does not provide per-token {name!r} (it provides: {known})")
+        value = self.token_info[name]
+        if callable(value):
+            value = self.token_info[name] = value()
+        value = value.expand(self.batch_size, *value.shape[1:]) if value.shape[0] != self.batch_size else value
+        idx = self.index.view(*self.index.shape, *([1] * (value.dim() - 2))).expand(*self.index.shape, *value.shape[2:])
+        return value.gather(1, idx)
 
     def token_sizes(self) -> torch.Tensor:
         if self.sizes is None:

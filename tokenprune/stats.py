@@ -54,7 +54,8 @@ class Stats:
     def pruned_anything(self) -> bool:
         """False when every layer saw every token (the pruned call did the dense model's work)."""
         dense = sum(self.dense_tokens)
-        return any(sum(row) < dense for row in self.tokens_per_layer)
+        tower = self.vision is not None and self.vision.pruned_anything
+        return tower or any(sum(row) < dense for row in self.tokens_per_layer)
 
     def summary(self) -> str:
         per_layer = [sum(row) for row in self.tokens_per_layer]

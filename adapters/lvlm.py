@@ -1,0 +1,194 @@
+"""LLaVA-style LVLMs: a vision tower, a projector and a decoder (``LlavaForConditionalGeneration``).
+
+Reuse, not a fork: the decoder is pruned by the :class:`DecoderAdapter`, the vision tower by
+the :class:`EncoderAdapter`. What only this adapter knows, it adds around them:
+
+- which prompt positions are visual (``input_ids == config.image_token_id``), text or padding,
+  handed to the decoder as its segment map for each call of ``model(...)`` / ``generate``;
+- for each visual token, its image (in the batch's flattened image order, which is how LLaVA
+  scatters features into the prompt) and its (row, col) in that image's patch grid, plus
+  lazily computed facts spatial / tower-guided methods read through ``TokenState.info``:
+  ``"patch_pixels"`` (the image pixels under the token's patch), ``"vision_cls_attention"``
+  and ``"vision_keys"`` (the tower's CLS attention to, and key of, each patch at LLaVA's
+  feature layer);
+- routing each pruner of a list by its ``target``: ``"vision"`` to the tower, ``"language"``
+  to the decoder.
+
+Pruning "before the projector" (VisionZip-style) is expressed as a reduction of the visual
+segment before decoder layer 1, scored from the tower: layer 0's KV cache stays dense, which
+keeps ``generate``'s position and cache bookkeeping that of the dense model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TokenPruneError, UnsupportedModelError
+from ..state import Segment
+from .base import HookedAdapter, attention_probs
+from .decoder import DecoderAdapter, find_decoder
+from .encoder import EncoderAdapter, find_tower
+
+
+def find_lvlm(model: nn.Module):
+    """``(inner, config)`` of a LLaVA-style model: the module holding tower, projector and decoder."""
+    for m in (model, getattr(model, "model", None)):
+        if m is not None and all(hasattr(m, a) for a in ("vision_tower", "multi_modal_projector", "language_model")):
+            config = getattr(model, "config", None)
+            if getattr(config, "image_token_id", None) is not None and hasattr(config, "vision_config"):
+                return m, config
+    return None
+
+
+class LVLMAdapter(HookedAdapter):
+    family = "LLaVA-style LVLMs (LlavaForConditionalGeneration: CLIP tower + projector + Llama-family decoder)"
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return find_lvlm(model) is not None
+
+    def __init__(self, model, pruners, **decoder_options):
+        self.model = model
+        self.inner, self.config = find_lvlm(model)
+        vision = [p for p in pruners if p.resolved_target() == "vision"]
+        language = [p for p in pruners if p.resolved_target() == "language"]
+        self.tower = None
+        if vision:
+            if find_tower(self.inner.vision_tower) is None:
+                raise UnsupportedModelError(
+                    f"{type(self.inner.vision_tower).__name__} vision towers cannot be pruned yet "
+                    f"({', '.join(p.name for p in vision)} target the vision tower)")
+            self.tower = EncoderAdapter(self.inner.vision_tower, vision)
+        if find_decoder(self.inner.language_model) is None:
+            raise UnsupportedModelError(f"{type(self.inner.language_model).__name__} language models are not supported")
+        self.decoder = DecoderAdapter(self.inner.language_model, language, **decoder_options)
+        super().__init__([], 1)  # hooks + per-thread state; the sub-adapters validated their pruners
+        self.pruners = list(pruners)
+        vc = self.config.vision_config
+        self.grid = vc.image_size // vc.patch_size
+        self.patch = vc.patch_size
+        self.with_cls = getattr(self.config, "vision_feature_select_strategy", "default") == "full"
+        self.per_image = self.grid * self.grid + int(self.with_cls)
+        layer = self.config.vision_feature_layer
+        self.feature_layer = layer if isinstance(layer, int) else layer[-1]
+
+    # ---- attach / detach -------------------------------------------------------------
+    def attach(self):
+        self.hook(self.inner.register_forward_pre_hook(self._open_call, with_kwargs=True))
+        self.hook(self.inner.register_forward_hook(self._close_call, always_call=True))
+        layers = tower_layers(self.inner.vision_tower)
+        if layers is not None:  # stash the feature layer's input: tower-guided methods read it lazily
+            # hidden_states[f] is the output of block f - 1 (f > 0) or of block L + f (f < 0)
+            f = self.feature_layer
+            block = layers[f - 1 if f > 0 else len(layers) + f]
+            self.hook(block.register_forward_pre_hook(self._stash_feature_input, with_kwargs=True))
+        self.decoder.attach()
+        if self.tower is not None:
+            self.tower.attach()
+
+    def detach(self):
+        super().detach()
+        self.decoder.detach()
+        if self.tower is not None:
+            self.tower.detach()
+
+    @property
+    def last_stats(self):
+        stats = self.decoder.last_stats
+        if stats is not None and self.tower is not None:
+            stats.vision = self.tower.last_stats
+        return stats
+
+    @last_stats.setter
+    def last_stats(self, value):  # HookedAdapter.__init__ sets it; the decoder's stats are the ones read
+        pass
+
+    # ---- per call --------------------------------------------------------------------
+    def _open_call(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or ids.shape[1] == 0:
+            return None
+        pixels = kwargs.get("pixel_values")
+        mask = kwargs.get("attention_mask")
+        visual = ids == self.config.image_token_id
+        if pixels is not None:
+            expected = pixels.shape[0] * self.per_image
+            if int(visual.sum()) != expected:
+                raise TokenPruneError(
+                    f"the prompt has {int(visual.sum())} image tokens but {pixels.shape[0]} image(s) give "
+                    f"{expected} features ({self.per_image} each): expand each <image> with the processor")
+        segments = self.segments
+        if segments is None:
+            segments = torch.where(visual, int(Segment.VISUAL), int(Segment.TEXT))
+            if mask is not None and mask.dim() == 2:
+                segments = segments.masked_fill(~mask.bool(), int(Segment.PAD))
+        self.call = {"stash": None}
+        self.decoder._local.segments = segments
+        self.decoder.token_info = self._token_info(visual, pixels) if bool(visual.any()) else {}
+
+    def _close_call(self, module, args, output):
+        self.call = None
+        self.decoder._local.segments = None
+        self.decoder.token_info = None
+
+    def _token_info(self, visual: torch.Tensor, pixels: torch.Tensor | None) -> dict:
+        """(B, N) image / row / col of every visual token (-1 elsewhere) and lazy tower facts."""
+        B, N = visual.shape
+        order = visual.flatten().long().cumsum(0).view(B, N) - 1  # rank among all visual tokens of the batch
+        image = torch.where(visual, order // self.per_image, -1)
+        patch = order % self.per_image - int(self.with_cls)  # -1: the CLS feature ("full" strategy)
+        row = torch.where(visual & (patch >= 0), patch // self.grid, -1)
+        col = torch.where(visual & (patch >= 0), patch % self.grid, -1)
+        info = {"image": image, "row": row, "col": col}
+        call = self.call
+        where = (image.clamp_min(0), patch.clamp_min(0), visual & (patch >= 0))
+        if pixels is not None:
+            info["patch_pixels"] = lambda: self._patch_pixels(pixels, *where)
+        info["vision_cls_attention"] = lambda: self._tower_fact(call, "attention", *where)
+        info["vision_keys"] = lambda: self._tower_fact(call, "keys", *where)
+        return info
+
+    def _patch_pixels(self, pixels, image, patch, present):
+        """(B, N, C*p*p): the pixels under each visual token's patch (zeros elsewhere)."""
+        p = self.patch
+        patches = pixels.float().unfold(2, p, p).unfold(3, p, p)  # (I, C, g, g, p, p)
+        I, C = patches.shape[:2]
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(I, self.grid * self.grid, C * p * p)
+        out = patches[image, patch]
+        return out * present[..., None]
+
+    # ---- the tower's own view of each patch -------------------------------------------
+    def _stash_feature_input(self, module, args, kwargs):
+        if self.call is not None:
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            self.call["stash"] = (module, hidden)
+
+    def _tower_fact(self, call, what: str, image, patch, present):
+        if call is None or call["stash"] is None:
+            raise TokenPruneError("the vision tower did not run in this call (pass pixel_values)")
+        block, hidden = call["stash"]
+        if hidden.shape[1] != self.grid * self.grid + 1:
+            raise TokenPruneError("vision-tower attention is unavailable: the tower was pruned before LLaVA's feature layer")
+        attn = block.self_attn
+        x = block.layer_norm1(hidden)
+        I, n, D = x.shape
+        heads = attn.num_heads
+        k = attn.k_proj(x).view(I, n, heads, -1).transpose(1, 2)
+        if what == "keys":
+            fact = k.transpose(1, 2).reshape(I, n, D)[:, 1:]  # (I, P, D)
+        else:
+            q = attn.q_proj(x[:, :1]).view(I, 1, heads, -1).transpose(1, 2)
+            probs = attention_probs(q, k, attn.scale, torch.ones(1, 1, 1, n, dtype=torch.bool, device=x.device))
+            fact = probs.mean(1)[:, 0, 1:]  # (I, P): CLS -> patches, head-averaged
+        out = fact[image, patch]
+        return torch.where(present.view(*present.shape, *([1] * (out.dim() - 2))), out, torch.zeros_like(out))
+
+
+def tower_layers(tower: nn.Module):
+    """The encoder layers of an HF CLIP-style vision tower, if it has them."""
+    for m in (tower, getattr(tower, "vision_model", None)):
+        layers = getattr(getattr(m, "encoder", None), "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn") \
+                and hasattr(layers[0], "layer_norm1"):
+            return layers
+    return None
