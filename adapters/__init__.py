@@ -9,8 +9,9 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .decoder import DecoderAdapter
 from .encoder import EncoderAdapter
+from .unet import UNetAdapter
 
-ADAPTERS = [DecoderAdapter, EncoderAdapter]
+ADAPTERS = [DecoderAdapter, EncoderAdapter, UNetAdapter]
 
 
 def find_adapter(model):

@@ -21,9 +21,10 @@ class PruningHandle:
     so removing the hooks is the whole restoration.
     """
 
-    def __init__(self, model, adapter):
+    def __init__(self, model, adapter, key=None):
         self.model = model
         self.adapter = adapter
+        self.key = model if key is None else key  # the module the hooks are on (a pipeline's U-Net)
 
     @property
     def pruners(self) -> list[Pruner]:
@@ -43,8 +44,8 @@ class PruningHandle:
 
     def remove(self) -> None:
         with _LOCK:
-            if _ATTACHED.get(self.model) is self:
-                del _ATTACHED[self.model]
+            if _ATTACHED.get(self.key) is self:
+                del _ATTACHED[self.key]
         self.adapter.detach()
 
     def __repr__(self):
@@ -65,13 +66,16 @@ def prune(model, pruners, **options) -> PruningHandle:
         if not isinstance(p, Pruner):
             raise TokenPruneError(f"expected a Pruner (see tp.build_pruner), got {type(p).__name__}")
     with _LOCK:
-        if model in _ATTACHED:
+        adapter_cls = find_adapter(model)
+        # attachments are keyed by the module the hooks go on: a pipeline and its U-Net are one model
+        key = adapter_cls.hooked_module(model) if hasattr(adapter_cls, "hooked_module") else model
+        if key in _ATTACHED:
             raise AlreadyAttachedError(
-                f"pruners are already attached to this {type(model).__name__}; remove() them first or pass a list"
+                f"pruners are already attached to this {type(key).__name__}; remove() them first or pass a list"
             )
-        adapter = find_adapter(model)(model, pruners, **options)  # validates, attaches nothing yet
+        adapter = adapter_cls(model, pruners, **options)  # validates, attaches nothing yet
         adapter.attach()
-        handle = _ATTACHED[model] = PruningHandle(model, adapter)
+        handle = _ATTACHED[key] = PruningHandle(model, adapter, key)
     return handle
 
 

@@ -6,7 +6,7 @@ so methods stay independent of model classes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -55,6 +55,9 @@ class Reduction:
     """Base: ``keep`` marks the slots (B, n) that take part in the next layers."""
 
     keep: torch.Tensor
+    # for blocks made of parts (U-Net: "attn1", "attn2", "ff"): the parts that run on the reduced
+    # set, the others on all tokens; None = the whole block. Adapters without parts ignore it.
+    parts: tuple[str, ...] | None = field(default=None, kw_only=True)
     persistent: ClassVar[bool] = True  # False: the token rejoins after one block
 
     def plan(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:

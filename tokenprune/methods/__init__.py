@@ -2,6 +2,7 @@
 from .fastv import FastV
 from .random import RandomDrop
 from .tome import ToMe
+from .tome_sd import ToMeSD
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["FastV", "RandomDrop", "ToMe", "ZeroTPrune"]
+__all__ = ["FastV", "RandomDrop", "ToMe", "ToMeSD", "ZeroTPrune"]

@@ -1,0 +1,285 @@
+"""Diffusers U-Nets (``UNet2DConditionModel``, or any pipeline holding one as ``.unet``).
+
+Every reduction is confined to one ``BasicTransformerBlock``, so the feature map the
+convolutions see stays whole. Before block i its pruners read a ``TokenState`` of the block's
+input: the row-major pixels of the block's map (``Segment.VISUAL``) with ``state.grid`` (h, w),
+``state.downsample`` (input size / map size) and the call's diffusion ``state.timestep``.
+The chosen parts of the block (self-attention ``attn1``, cross-attention ``attn2``,
+feed-forward ``ff``; all three unless the reduction names ``parts``) then run on the kept
+slots, and each part's output is spread back to every token before its residual add: a
+merged token takes its destination's update (ToMe-SD's unmerge), a dropped or skipped one
+none (its residual passes that part unchanged).
+
+One U-Net forward (one denoising step) is one call: a fresh state per call and per thread,
+so classifier-free guidance batches, several prompts and ``num_images_per_prompt`` need
+nothing special, and a row gives the same result alone or in a batch whenever its pruner
+decides per row. Methods that read attention get the block's own self-attention, from its
+``attn1`` q / k projections of ``norm1(input)`` (layer-norm blocks only), computed only when
+asked for. Stats count the transformer blocks' matmuls (what reductions change), not convolutions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import TokenPruneError
+from ..state import Segment, TokenState
+from ..stats import Stats
+from .base import HookedAdapter, attention_probs
+from .stream import gather_rows
+
+PARTS = ("attn1", "attn2", "ff")
+
+
+def _diffusers():
+    try:
+        from diffusers import UNet2DConditionModel
+        from diffusers.models.attention import BasicTransformerBlock
+    except ImportError:
+        return None
+    return UNet2DConditionModel, BasicTransformerBlock
+
+
+def find_unet(model) -> nn.Module | None:
+    """``model`` itself or its ``.unet`` when that is a diffusers U-Net with transformer blocks."""
+    classes = _diffusers()
+    if classes is None:
+        return None
+    unet_cls, block_cls = classes
+    unet = model if isinstance(model, unet_cls) else getattr(model, "unet", None)
+    if not isinstance(unet, unet_cls) or not any(isinstance(m, block_cls) for m in unet.modules()):
+        return None
+    return unet
+
+
+def _weights(module: nn.Module | None, names=None) -> int:
+    """Entries of the 2-D weight matrices under ``module`` (optionally only the named children)."""
+    if module is None:
+        return 0
+    mods = [getattr(module, n) for n in names] if names else [module]
+    return sum(p.numel() for m in mods for k, p in m.named_parameters() if p.dim() == 2 and k.endswith("weight"))
+
+
+class BlockCost:
+    """Matmul FLOPs of one block's parts at a token count (2*m*n*k, as torch's flop_counter)."""
+
+    def __init__(self, block):
+        a1, a2 = block.attn1, block.attn2
+        self.attn1, self.inner1 = _weights(a1), a1.inner_dim
+        self.attn2_q = _weights(a2, ["to_q", "to_out"]) if a2 is not None else 0
+        self.attn2_kv = _weights(a2, ["to_k", "to_v"]) if a2 is not None else 0
+        self.inner2 = a2.inner_dim if a2 is not None else 0
+        self.ff = _weights(block.ff)
+
+    def __call__(self, n: dict, context: int) -> int:
+        n1, n2, n3 = n["attn1"], n["attn2"], n["ff"]
+        return (2 * n1 * self.attn1 + 4 * n1 * n1 * self.inner1
+                + 2 * n2 * self.attn2_q + 2 * context * self.attn2_kv + 4 * n2 * context * self.inner2
+                + 2 * n3 * self.ff)
+
+
+@dataclass
+class Plan:
+    """One block's reduction: gather (and merge) a part's input, spread its output back."""
+
+    state: TokenState
+    reduction: object
+    slots: torch.Tensor  # (B, m) kept slots
+    parts: tuple[str, ...]
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        self.state.hidden = x
+        return gather_rows(self.reduction.combine(self.state), self.slots)
+
+    def unmerge(self, out: torch.Tensor) -> torch.Tensor:
+        B, m, C = out.shape
+        full = out.new_zeros(B, self.state.num_slots, C).scatter_(1, self.slots[..., None].expand(B, m, C), out)
+        redirect = self.reduction.redirect()
+        if redirect is not None:
+            keep = self.reduction.keep
+            row, src = ((redirect >= 0) & ~keep).nonzero(as_tuple=True)
+            dst = redirect[row, src]
+            ok = keep[row, dst]
+            full[row[ok], src[ok]] = full[row[ok], dst[ok]]
+        return full
+
+
+class UNetAdapter(HookedAdapter):
+    family = "diffusers UNet2DConditionModel (or a pipeline with .unet): reductions inside its transformer blocks"
+    stack = "unet"
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return find_unet(model) is not None
+
+    @classmethod
+    def hooked_module(cls, model) -> nn.Module:
+        return find_unet(model)
+
+    def __init__(self, model, pruners):
+        self.model = model
+        self.unet = find_unet(model)
+        block_cls = _diffusers()[1]
+        # numbered in the order they run: down blocks, mid block, up blocks
+        parts = [getattr(self.unet, n, None) for n in ("down_blocks", "mid_block", "up_blocks")] + [self.unet]
+        self.blocks = list(dict.fromkeys(m for p in parts if p is not None for m in p.modules() if isinstance(m, block_cls)))
+        self.holders = [m for m in self.unet.modules()
+                        if isinstance(getattr(m, "transformer_blocks", None), nn.ModuleList)]
+        super().__init__(pruners, len(self.blocks))
+        self.costs = [BlockCost(b) for b in self.blocks]
+
+    def attach(self):
+        self.hook(self.unet.register_forward_pre_hook(self._open_call, with_kwargs=True))
+        self.hook(self.unet.register_forward_hook(self._close_call, always_call=True))
+        for holder in self.holders:
+            self.hook(holder.register_forward_pre_hook(self._record_grid, with_kwargs=True))
+        for i, block in enumerate(self.blocks):
+            self.hook(block.register_forward_pre_hook(self._make_block_hook(i), with_kwargs=True))
+            self.hook(block.register_forward_hook(self._make_after_hook(i), always_call=True))
+            if i in self.at:
+                for part in PARTS:
+                    module = getattr(block, part, None)
+                    if module is not None:
+                        self.hook(module.register_forward_pre_hook(self._make_part_hook(i, part), with_kwargs=True))
+                        self.hook(module.register_forward_hook(self._make_unmerge_hook(i, part)))
+
+    # ---- one call = one U-Net forward ----------------------------------------------------
+    def _open_call(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        t = torch.as_tensor(t).flatten().float()
+        single = float(t[0]) if len(t) and bool((t == t[0]).all()) else None
+        self.call = {"size": tuple(sample.shape[-2:]), "timestep": single, "grid": None, "plan": None,
+                     "stats": Stats(dense_tokens=[]), "open": set()}
+
+    def _close_call(self, module, args, output):
+        call, self.call = self.call, None
+        if call is not None:
+            self.last_stats = call["stats"]
+
+    def _record_grid(self, module, args, kwargs):
+        call = self.call
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if call is not None and hidden is not None and hidden.dim() == 4:
+            call["grid"] = tuple(hidden.shape[-2:])
+
+    def _make_block_hook(self, i):
+        def hook(block, args, kwargs):
+            call = self.call
+            if call is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            B, N = hidden.shape[:2]
+            context = kwargs.get("encoder_hidden_states")
+            context = context.shape[1] if context is not None and block.attn2 is not None else 0
+            counts = dict.fromkeys(PARTS, N)
+            plan = self._select(call, i, block, hidden) if i in self.at else None
+            call["plan"] = plan
+            stats = call["stats"]
+            if plan is not None:
+                for part in plan.parts:
+                    counts[part] = plan.slots.shape[1]
+            if not stats.dense_tokens:
+                stats.dense_tokens = [N] * B
+            stats.dense_tokens = [max(d, N) for d in stats.dense_tokens]
+            stats.tokens_per_layer.append([counts["attn1"]] * B)
+            stats.flops += B * self.costs[i](counts, context)
+            stats.dense_flops += B * self.costs[i](dict.fromkeys(PARTS, N), context)
+            return None
+
+        return hook
+
+    def _make_after_hook(self, i):
+        def hook(block, args, output):
+            call = self.call
+            if call is not None:
+                call["plan"] = None
+                call["open"].clear()
+            return None
+
+        return hook
+
+    def _select(self, call, i, block, hidden) -> Plan | None:
+        B, N = hidden.shape[:2]
+        dev = hidden.device
+        grid, downsample = call["grid"], None
+        if grid is not None and grid[0] * grid[1] == N:
+            downsample = max(1, round(call["size"][0] / grid[0]))
+        else:
+            grid = None
+        st = TokenState(i, len(self.blocks), hidden, torch.arange(N, device=dev).expand(B, N),
+                        torch.ones(B, N, dtype=torch.bool, device=dev),
+                        torch.full((B, N), int(Segment.VISUAL), device=dev),
+                        grid=grid, downsample=downsample, timestep=call["timestep"])
+        if getattr(block, "norm_type", None) == "layer_norm":
+            st._attention = lambda q: self._attention(block, hidden, q)
+            st._keys = lambda: self._qk(block, hidden, need_q=False)[1]
+        plan = None
+        for pruner in self.at[i]:
+            reduction = pruner.select(st)
+            if reduction is None or reduction.is_noop(st):
+                continue
+            if plan is not None:
+                raise TokenPruneError(f"two pruners reduce U-Net block {i} in one call; give them different blocks")
+            slots, slot_valid = reduction.plan(st)
+            if not bool(slot_valid.all()):
+                raise TokenPruneError(f"{pruner.name}: rows keep different token counts at U-Net block {i}; "
+                                      "a U-Net block needs the same count in every row")
+            parts = PARTS if reduction.parts is None else tuple(reduction.parts)
+            unknown = set(parts) - set(PARTS)
+            if unknown:
+                raise TokenPruneError(f"{pruner.name}: unknown block parts {sorted(unknown)}; U-Net blocks have {PARTS}")
+            if "ff" in parts and block._chunk_size is not None:
+                raise TokenPruneError("reducing the feed-forward of a block with feed-forward chunking is not supported")
+            parts = tuple(p for p in parts if getattr(block, p, None) is not None)
+            plan = Plan(st, reduction, slots, parts)
+        return plan
+
+    # ---- parts: merge in, unmerge out ----------------------------------------------------
+    def _make_part_hook(self, i, part):
+        def hook(module, args, kwargs):
+            call = self.call
+            plan = call and call["plan"]
+            if not plan or part not in plan.parts:
+                return None
+            if part == "attn1" and kwargs.get("attention_mask") is not None:
+                raise TokenPruneError("U-Net self-attention with an attention mask cannot run on reduced tokens")
+            call["open"].add(part)
+            if args:
+                return (plan.merge(args[0]), *args[1:]), kwargs
+            kwargs["hidden_states"] = plan.merge(kwargs["hidden_states"])
+            return args, kwargs
+
+        return hook
+
+    def _make_unmerge_hook(self, i, part):
+        def hook(module, args, output):
+            call = self.call
+            if call is None or part not in call["open"]:
+                return None
+            call["open"].discard(part)
+            return call["plan"].unmerge(output)
+
+        return hook
+
+    # ---- attention of the block itself, for methods that ask ------------------------------
+    def _qk(self, block, hidden, need_q=True):
+        attn = block.attn1
+        x = block.norm1(hidden)
+        B, n, _ = x.shape
+
+        def split(t, norm):
+            t = t.view(B, n, attn.heads, -1).transpose(1, 2)
+            return t if norm is None else norm(t)
+
+        q = split(attn.to_q(x), attn.norm_q) if need_q else None
+        return q, split(attn.to_k(x), attn.norm_k)
+
+    def _attention(self, block, hidden, query_slots):
+        q, k = self._qk(block, hidden)
+        if query_slots is not None:
+            q = q.gather(2, query_slots[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
+        visible = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=k.device)
+        return attention_probs(q, k, block.attn1.scale, visible)
