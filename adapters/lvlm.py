@@ -76,8 +76,11 @@ class LVLMAdapter(HookedAdapter):
     def attach(self):
         self.hook(self.inner.register_forward_pre_hook(self._open_call, with_kwargs=True))
         self.hook(self.inner.register_forward_hook(self._close_call, always_call=True))
+        # The tower may run outside the model's forward (generate encodes images first), so what
+        # tower-guided methods read is stashed per thread when it runs and dropped when a call ends.
+        self.hook(self.inner.vision_tower.register_forward_pre_hook(self._stash_pixels, with_kwargs=True))
         layers = tower_layers(self.inner.vision_tower)
-        if layers is not None:  # stash the feature layer's input: tower-guided methods read it lazily
+        if layers is not None:
             # hidden_states[f] is the output of block f - 1 (f > 0) or of block L + f (f < 0)
             f = self.feature_layer
             block = layers[f - 1 if f > 0 else len(layers) + f]
@@ -108,65 +111,93 @@ class LVLMAdapter(HookedAdapter):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or ids.shape[1] == 0:
             return None
-        pixels = kwargs.get("pixel_values")
         mask = kwargs.get("attention_mask")
         visual = ids == self.config.image_token_id
-        if pixels is not None:
-            expected = pixels.shape[0] * self.per_image
-            if int(visual.sum()) != expected:
-                raise TokenPruneError(
-                    f"the prompt has {int(visual.sum())} image tokens but {pixels.shape[0]} image(s) give "
-                    f"{expected} features ({self.per_image} each): expand each <image> with the processor")
+        images = self._images_given(kwargs)
+        if images is not None and int(visual.sum()) != images * self.per_image:
+            raise TokenPruneError(
+                f"the prompt has {int(visual.sum())} image tokens but {images} image(s) give "
+                f"{images * self.per_image} features ({self.per_image} each): expand each <image> with the processor")
         segments = self.segments
         if segments is None:
             segments = torch.where(visual, int(Segment.VISUAL), int(Segment.TEXT))
             if mask is not None and mask.dim() == 2:
                 segments = segments.masked_fill(~mask.bool(), int(Segment.PAD))
-        self.call = {"stash": None}
+        self.call = True
         self.decoder._local.segments = segments
-        self.decoder.token_info = self._token_info(visual, pixels) if bool(visual.any()) else {}
+        self.decoder.token_info = self._token_info(visual) if bool(visual.any()) else {}
 
     def _close_call(self, module, args, output):
         self.call = None
+        self._local.pixels = self._local.feature_input = None
         self.decoder._local.segments = None
         self.decoder.token_info = None
 
-    def _token_info(self, visual: torch.Tensor, pixels: torch.Tensor | None) -> dict:
+    def _images_given(self, kwargs) -> int | None:
+        """How many images this call brings (pixels, or features encoded beforehand as generate does)."""
+        if kwargs.get("pixel_values") is not None:
+            return kwargs["pixel_values"].shape[0]
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        features = getattr(encoded, "pooler_output", None)
+        if features is None:
+            return None
+        return sum(f.shape[0] for f in features) // self.per_image if isinstance(features, (list, tuple)) else None
+
+    def _token_info(self, visual: torch.Tensor) -> dict:
         """(B, N) image / row / col of every visual token (-1 elsewhere) and lazy tower facts."""
         B, N = visual.shape
         order = visual.flatten().long().cumsum(0).view(B, N) - 1  # rank among all visual tokens of the batch
         image = torch.where(visual, order // self.per_image, -1)
         patch = order % self.per_image - int(self.with_cls)  # -1: the CLS feature ("full" strategy)
-        row = torch.where(visual & (patch >= 0), patch // self.grid, -1)
-        col = torch.where(visual & (patch >= 0), patch % self.grid, -1)
-        info = {"image": image, "row": row, "col": col}
-        call = self.call
-        where = (image.clamp_min(0), patch.clamp_min(0), visual & (patch >= 0))
-        if pixels is not None:
-            info["patch_pixels"] = lambda: self._patch_pixels(pixels, *where)
-        info["vision_cls_attention"] = lambda: self._tower_fact(call, "attention", *where)
-        info["vision_keys"] = lambda: self._tower_fact(call, "keys", *where)
-        return info
+        present = visual & (patch >= 0)
+        row = torch.where(present, patch // self.grid, -1)
+        col = torch.where(present, patch % self.grid, -1)
+        where = (image.clamp_min(0), patch.clamp_min(0), present)
+        return {
+            "image": image, "row": row, "col": col,
+            "patch_pixels": lambda: self._patch_pixels(*where),
+            "vision_cls_attention": lambda: self._tower_fact("attention", *where),
+            "vision_keys": lambda: self._tower_fact("keys", *where),
+        }
 
-    def _patch_pixels(self, pixels, image, patch, present):
+    def _stashed(self, name: str, image: torch.Tensor) -> tuple:
+        """This thread's latest tower input / feature-layer input, and ``image`` mapped onto its rows.
+
+        generate may encode each image once and repeat its features for beams or
+        ``num_return_sequences``: then image k of the prompt batch is row k // m // E * m + k % m
+        of what the tower saw (m images per row, each row repeated E times).
+        """
+        stash = getattr(self._local, name, None)
+        if stash is None:
+            raise TokenPruneError("the vision tower did not run for this call (pass pixel_values)")
+        seen = (stash if torch.is_tensor(stash) else stash[1]).shape[0]
+        count = int(image.max()) + 1
+        if count != seen:
+            rows = image.shape[0]
+            if count % seen or count % rows:
+                raise TokenPruneError(f"the call has {count} images but the vision tower saw {seen}")
+            m, repeat = count // rows, count // seen
+            image = (image // m // repeat) * m + image % m
+        return stash, image
+
+    def _stash_pixels(self, module, args, kwargs):
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        self._local.pixels = pixels
+
+    def _patch_pixels(self, image, patch, present):
         """(B, N, C*p*p): the pixels under each visual token's patch (zeros elsewhere)."""
+        pixels, image = self._stashed("pixels", image)
         p = self.patch
         patches = pixels.float().unfold(2, p, p).unfold(3, p, p)  # (I, C, g, g, p, p)
         I, C = patches.shape[:2]
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(I, self.grid * self.grid, C * p * p)
-        out = patches[image, patch]
-        return out * present[..., None]
+        return patches[image, patch] * present[..., None]
 
-    # ---- the tower's own view of each patch -------------------------------------------
     def _stash_feature_input(self, module, args, kwargs):
-        if self.call is not None:
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            self.call["stash"] = (module, hidden)
+        self._local.feature_input = (module, args[0] if args else kwargs.get("hidden_states"))
 
-    def _tower_fact(self, call, what: str, image, patch, present):
-        if call is None or call["stash"] is None:
-            raise TokenPruneError("the vision tower did not run in this call (pass pixel_values)")
-        block, hidden = call["stash"]
+    def _tower_fact(self, what: str, image, patch, present):
+        (block, hidden), image = self._stashed("feature_input", image)
         if hidden.shape[1] != self.grid * self.grid + 1:
             raise TokenPruneError("vision-tower attention is unavailable: the tower was pruned before LLaVA's feature layer")
         attn = block.self_attn

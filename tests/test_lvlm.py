@@ -19,6 +19,7 @@ LVLM_CASES = {
     "random": (dict(layer=1, keep_ratio=0.5, seed=3, **VISUAL), dict(layer=1, keep_ratio=1.0, **VISUAL)),
     "tome": (dict(layer=[1, 3], keep_ratio=0.6, **VISUAL), dict(layer=[1, 3], keep_ratio=1.0, **VISUAL)),
     "zero-tprune": (dict(layer=2, keep_ratio=0.5, **VISUAL), dict(layer=2, keep_ratio=1.0, **VISUAL)),
+    "visionzip": (dict(layer=1, keep_ratio=0.4, contextual_share=0.3), dict(layer=1, keep_ratio=1.0)),
 }
 ALL = sorted(LVLM_CASES) + sorted(ENGINE_CASES)
 # methods made for another family: on an LVLM they must get the library's error, not run wrongly
@@ -68,11 +69,15 @@ def test_lvlm_contract(llava, name):
         dense_seq, _ = greedy(llava, x)
     before, hooks = params_of(llava), hook_count(llava)
     with torch.no_grad():
+        dense_beams = llava.generate(**x, max_new_tokens=4, num_beams=2, do_sample=False)
         with tp.pruning(llava, make(name, noop=True)):
             assert torch.equal(llava(**x).logits, dense), "keep-everything must be the dense model exactly"
             assert torch.equal(greedy(llava, x)[0], dense_seq)
+            assert torch.equal(llava.generate(**x, max_new_tokens=4, num_beams=2, do_sample=False), dense_beams)
         with tp.pruning(llava, make(name)) as handle:
             pruned = llava(**x).logits
+            beams = llava.generate(**x, max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+            assert beams.shape == (4, x["input_ids"].shape[1] + 4)
             seq, logits = greedy(llava, x)
             stats = handle.stats
             # cached generate == the pruned model recomputed without a cache
@@ -177,3 +182,42 @@ def test_bad_lvlm_input_gets_the_library_error(llava):
     assert all(torch.equal(v, before[k]) for k, v in llava.state_dict().items())
     with torch.no_grad():
         assert torch.equal(llava(**x).logits, dense)
+
+
+def test_tower_and_decoder_pruners_compose(llava):
+    x = llava_inputs()
+    tower = dict(layer=1, segment="visual", protect_first=0, protect_last=0, target="vision")
+    with torch.no_grad():
+        dense = llava(**x).logits
+        dense_seq, _ = greedy(llava, x)
+        keep_all = [tp.ZeroTPrune(keep_ratio=1.0, **tower), tp.FastV(layer=2, keep_ratio=1.0, **VISUAL)]
+        with tp.pruning(llava, keep_all):
+            assert torch.equal(llava(**x).logits, dense)
+            assert torch.equal(greedy(llava, x)[0], dense_seq)
+        with tp.pruning(llava, [tp.ZeroTPrune(keep_ratio=0.5, **tower), tp.FastV(layer=2, keep_ratio=0.5, **VISUAL)]) as h:
+            pruned = llava(**x).logits
+            seq, _ = greedy(llava, x)
+            stats = h.stats
+    assert not torch.equal(pruned, dense) and seq.shape == dense_seq.shape
+    assert stats.vision is not None and stats.vision.tokens_per_layer[1][0] == 1 + 8  # CLS + half of 16 patches
+    assert stats.tokens_per_layer[2][0] < stats.tokens_per_layer[1][0]
+    assert torch.equal(llava(**x).logits, dense)
+
+
+def test_tower_pruner_on_a_model_without_tower_is_refused():
+    with pytest.raises(tp.TokenPruneError, match="this model has no vision tower"):
+        tp.prune(tiny_decoder("qwen2"), tp.ZeroTPrune(segment="text", target="vision"))
+
+
+def test_tiny_llava_answers_under_pruning():
+    """The bundled testbed through generate: FastV from layer 2 at 75% visual pruning keeps its answers."""
+    from tokenprune.zoo import vqa_data
+
+    model, processor = tp.zoo.load("tiny-llava")
+    items = vqa_data.easy_vqa_items("test", limit=24, seed=1)
+    dense = vqa_data.vqa_accuracy(model, processor, items, batch_size=24)
+    with tp.pruning(model, tp.FastV(layer=2, keep_ratio=0.25, segment="visual")) as h:
+        pruned = vqa_data.vqa_accuracy(model, processor, items, batch_size=24)
+        kept = h.stats.tokens_per_layer
+    assert dense >= 0.9 and pruned >= dense - 0.1
+    assert all(a - b == 48 for a, b in zip(kept[1], kept[2])), "48 of each row's 64 visual tokens leave at layer 2"
