@@ -9,9 +9,10 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from .decoder import DecoderAdapter
 from .encoder import EncoderAdapter
+from .lvlm import LVLMAdapter
 from .unet import UNetAdapter
 
-ADAPTERS = [DecoderAdapter, EncoderAdapter, UNetAdapter]
+ADAPTERS = [LVLMAdapter, DecoderAdapter, EncoderAdapter, UNetAdapter]  # first match wins: an LVLM also holds a decoder
 
 
 def find_adapter(model):
