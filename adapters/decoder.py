@@ -95,6 +95,17 @@ def retire_cache(cache) -> None:
     cache.update = refuse
 
 
+def record_reduction(stats: Stats, layer: int, st: TokenState, redirects) -> None:
+    """Which original tokens enter ``layer`` and which were merged into which, per row."""
+    stats.kept[layer] = [row[ok].tolist() for row, ok in zip(st.index, st.valid)]
+    merged = [[] for _ in range(st.batch_size)]
+    for rows, src, dst in redirects:
+        for r, s, d in zip(rows.tolist(), src.tolist(), dst.tolist()):
+            merged[r].append((s, d))
+    if any(merged):
+        stats.merged[layer] = merged
+
+
 @dataclass
 class Request:
     """One prompt's prefill and decode steps; lives as long as its KV cache."""
@@ -251,6 +262,7 @@ class DecoderAdapter(HookedAdapter):
         st.layer, st.hidden = i, hidden
         st._attention = (lambda q: self._attention(call, q)) if call.stash is not None else None
         st._keys = (lambda: self._keys(call)) if call.stash is not None else None
+        version, merges = stream.version, len(stream.redirects)
         for pruner in self.at.get(i, ()):
             reduction = pruner.select(st)
             if reduction is None or reduction.is_noop(st):
@@ -258,6 +270,8 @@ class DecoderAdapter(HookedAdapter):
             if stream.skip is not None:
                 raise TokenPruneError(f"layer {i}: a Skip must be the last reduction before its layer")
             self._reduce(call, i, reduction)
+        if stream.version != version:
+            record_reduction(call.request.stats, i, st, stream.redirects[merges:])
         if stream.changed:
             self._rewrite_kwargs(call, i, kwargs)
             req = call.request

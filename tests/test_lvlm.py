@@ -20,6 +20,9 @@ LVLM_CASES = {
     "tome": (dict(layer=[1, 3], keep_ratio=0.6, **VISUAL), dict(layer=[1, 3], keep_ratio=1.0, **VISUAL)),
     "zero-tprune": (dict(layer=2, keep_ratio=0.5, **VISUAL), dict(layer=2, keep_ratio=1.0, **VISUAL)),
     "visionzip": (dict(layer=1, keep_ratio=0.4, contextual_share=0.3), dict(layer=1, keep_ratio=1.0)),
+    # entropy term from the patch pixels and recycling on a 2 x 2 cell grid, two stages
+    "vflowopt": (dict(layer=[1, 3], keep_ratio=0.5, alpha=0.5, recycle_grid=2, **VISUAL),
+                 dict(layer=[1, 3], keep_ratio=1.0, **VISUAL)),
 }
 ALL = sorted(LVLM_CASES) + sorted(ENGINE_CASES)
 # methods made for another family: on an LVLM they must get the library's error, not run wrongly
@@ -221,3 +224,18 @@ def test_tiny_llava_answers_under_pruning():
         kept = h.stats.tokens_per_layer
     assert dense >= 0.9 and pruned >= dense - 0.1
     assert all(a - b == 48 for a, b in zip(kept[1], kept[2])), "48 of each row's 64 visual tokens leave at layer 2"
+
+
+def test_stats_record_kept_and_merged_positions(llava):
+    x = llava_inputs()
+    with torch.no_grad(), tp.pruning(llava, tp.VisionZip(layer=1, keep_ratio=0.5, contextual_share=0.5)) as h:
+        llava(**x)
+    stats = h.stats
+    visual = x["input_ids"] == LLAVA_IMAGE_TOKEN
+    for b in range(2):
+        kept = set(stats.kept[1][b])
+        positions = visual[b].nonzero().flatten().tolist()
+        assert len(kept & set(positions)) == 8 and len(kept) == stats.tokens_per_layer[1][b]
+        merged = stats.merged[1][b]
+        assert merged and all(s in positions and d in kept and s not in kept for s, d in merged)
+    assert list(stats.kept) == [1] and stats.to_dict()["kept"]["1"] == stats.kept[1]

@@ -41,6 +41,10 @@ class Stats:
     dense_kv_bytes: int = 0
     forward_calls: int = 0
     vision: "Stats | None" = None  # an LVLM's vision tower, when a pruner targets it
+    # where the token set changed at prefill: layer -> per row, the original positions entering it,
+    # and the (source, target) original positions of tokens merged before it (for plots and the app)
+    kept: dict[int, list[list[int]]] = field(default_factory=dict)
+    merged: dict[int, list[list[tuple[int, int]]]] = field(default_factory=dict)
 
     @property
     def flops_ratio(self) -> float:
@@ -83,4 +87,6 @@ class Stats:
             "kv_bytes": self.kv_bytes,
             "dense_kv_bytes": self.dense_kv_bytes,
             "kv_ratio": self.kv_ratio,
+            "kept": {str(k): v for k, v in self.kept.items()},
+            "merged": {str(k): v for k, v in self.merged.items()},
         }
