@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
-settings.register_profile("quick", max_examples=8, deadline=None, derandomize=True, database=None,
+settings.register_profile("quick", max_examples=20, deadline=None, derandomize=True, database=None,
                           suppress_health_check=_SLOW_OK)
 settings.register_profile("thorough", max_examples=150, deadline=None, suppress_health_check=_SLOW_OK)
 settings.load_profile("quick")
