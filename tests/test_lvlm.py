@@ -239,3 +239,11 @@ def test_stats_record_kept_and_merged_positions(llava):
         merged = stats.merged[1][b]
         assert merged and all(s in positions and d in kept and s not in kept for s, d in merged)
     assert list(stats.kept) == [1] and stats.to_dict()["kept"]["1"] == stats.kept[1]
+
+
+def test_kv_bytes_are_what_the_cache_holds(llava):
+    x = llava_inputs()
+    with torch.no_grad(), tp.pruning(llava, tp.FastV(layer=2, keep_ratio=0.25, **VISUAL)) as h:
+        out = llava.generate(**x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    held = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
+    assert h.stats.kv_bytes == held < h.stats.dense_kv_bytes
