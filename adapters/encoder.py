@@ -1,12 +1,21 @@
 """ViT-style encoders: HF ViT / DeiT, HF CLIP vision towers and the open_clip ``VisionTransformer``.
 
-Reductions run between blocks. The prefix tokens (CLS, DeiT's distillation token) are
+Reductions run between blocks, or inside a block between attention and MLP for pruners
+whose ``inside_block`` is true (ToMe's placement: the block's attention runs on all its
+tokens, its MLP and every later block on the reduced set; ``stats.tokens_per_layer[i]`` then
+counts what block i's MLP ran on). The prefix tokens (CLS, DeiT's distillation token) are
 ``Segment.SYSTEM`` and patches ``Segment.VISUAL``, so pruners that target "visual" never
 touch CLS. A pruner before layer i reads the attention probabilities and keys of block i-1,
-only if it asks for them: HF blocks' q / k projections are captured while block i-1 runs (no
-second projection; only softmax(q k^T) is computed again, since SDPA never materialises it),
-open_clip's are recomputed from block i-1's input. Merged tokens carry their size
-and, as in ToMe, get proportional attention (log-size added to their attention logits).
+one inside block i those of block i itself, only if it asks for them: HF blocks' q / k
+projections are captured while the block runs (no second projection; only softmax(q k^T) is
+computed again, since SDPA never materialises it), open_clip's are recomputed from the
+block's input. Merged tokens carry their size and, as in ToMe, get proportional attention
+(log-size added to their attention logits).
+
+Inside a block the merge is three hooks, no forked forward: the post-attention norm's
+pre-hook reduces the residual stream h (n slots) to h' (m slots), so norm and MLP run on m;
+the MLP branch's last module hands the block a zero update at n slots for its own residual
+add, and the block's forward hook returns h' + MLP(norm(h')), which is ToMe's block.
 Outputs keep the dense shape (removed tokens exit with their last hidden state, merged
 ones take their target's output). When a call records hidden states (HF
 ``output_hidden_states``, which LLaVA sets to read ``hidden_states[vision_feature_layer]``),
@@ -21,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import TokenPruneError, UnsupportedModelError
 from ..state import Segment, TokenState
 from ..stats import Stats
 from .base import HookedAdapter, attention_probs
@@ -42,6 +51,17 @@ class Tower:
 
     def norm1(self, block: nn.Module) -> nn.Module:
         return {"hf": lambda: block.layernorm_before, "clip": lambda: block.layer_norm1, "open_clip": lambda: block.ln_1}[self.kind]()
+
+    def norm2(self, block: nn.Module) -> nn.Module:
+        """The post-attention norm: its input is the residual stream between attention and MLP."""
+        return {"hf": lambda: block.layernorm_after, "clip": lambda: block.layer_norm2, "open_clip": lambda: block.ln_2}[self.kind]()
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        return block.mlp
+
+    def branch_end(self, block: nn.Module) -> nn.Module:
+        """Last module of the MLP branch: its output is what the block adds to the residual stream."""
+        return block.ls_2 if self.kind == "open_clip" else block.mlp
 
     def heads_and_scale(self, block: nn.Module) -> tuple[int, float]:
         attn = self.attn(block)
@@ -107,10 +127,19 @@ def find_tower(model: nn.Module) -> Tower | None:
     return None
 
 
-def block_flops(block: nn.Module, n: int, width: int) -> int:
-    """Matmul FLOPs of one block over n tokens: every weight matrix plus the two n x n products."""
-    weights = sum(p.numel() for name, p in block.named_parameters() if p.dim() == 2 and name.endswith("weight"))
-    return 2 * n * weights + 4 * n * n * width
+def _weights(module: nn.Module) -> int:
+    return sum(p.numel() for name, p in module.named_parameters() if p.dim() == 2 and name.endswith("weight"))
+
+
+def block_flops(block: nn.Module, n: int, width: int, mlp: nn.Module | None = None, mlp_tokens: int | None = None) -> int:
+    """Matmul FLOPs of one block over n tokens: every weight matrix plus the two n x n products.
+
+    With ``mlp`` (the block's MLP module) and ``mlp_tokens``, the MLP half runs on that many
+    tokens instead (a merge between attention and MLP).
+    """
+    mlp_weights = _weights(mlp) if mlp is not None else 0
+    m = n if mlp_tokens is None else mlp_tokens
+    return 2 * n * (_weights(block) - mlp_weights) + 4 * n * n * width + 2 * m * mlp_weights
 
 
 class EncoderAdapter(HookedAdapter):
@@ -132,6 +161,10 @@ class EncoderAdapter(HookedAdapter):
             raise UnsupportedModelError(f"attention implementation {impl!r} is not supported; use sdpa or eager")
         super().__init__(pruners, len(self.tower.blocks))
         self.proportional = proportional_attention
+        self.inside: dict[int, list] = {}  # block -> pruners that reduce between its attention and MLP
+        for layer, at in list(self.at.items()):
+            self.inside[layer] = [p for p in at if getattr(p, "inside_block", False)]
+            self.at[layer] = [p for p in at if not getattr(p, "inside_block", False)]
 
     def attach(self):
         self.hook(self.tower.root.register_forward_pre_hook(self._open_call, with_kwargs=True))
@@ -141,14 +174,17 @@ class EncoderAdapter(HookedAdapter):
             self.hook(block.register_forward_pre_hook(self._make_block_hook(i), with_kwargs=True))
             # first of the block's forward hooks: HF's hidden-state recorders then see what we return
             self.hook(block.register_forward_hook(self._make_after_hook(i, i == last), prepend=True))
-            if i + 1 in self.at:  # the next layer's pruners may read this block's q / k
+            if self.inside.get(i):
+                self.hook(self.tower.norm2(block).register_forward_pre_hook(self._make_mid_hook(i)))
+                self.hook(self.tower.branch_end(block).register_forward_hook(self._make_branch_hook(i)))
+            if self.at.get(i + 1) or self.inside.get(i):  # pruners that may read this block's q / k
                 for name, proj in self.tower.projections(block).items():
                     self.hook(proj.register_forward_hook(self._make_capture(name)))
 
     def _open_call(self, module, args, kwargs):
         # as HF's capture_outputs decides: the call's flag, else the config's
         record = kwargs.get("output_hidden_states", getattr(getattr(module, "config", None), "output_hidden_states", None))
-        self.call = {"stream": None, "stash": None, "record": bool(record), "dense_out": False}
+        self.call = {"stream": None, "stash": None, "record": bool(record), "dense_out": False, "mid": None}
 
     def _close_call(self, module, args, output):
         call, self.call = self.call, None
@@ -167,27 +203,13 @@ class EncoderAdapter(HookedAdapter):
             if call["dense_out"]:  # the previous block gave its output back at the dense length
                 hidden, call["dense_out"] = gather_rows(hidden, st.index), False
             st.layer, st.hidden = i, hidden
-            stash = call["stash"]
-            current = stash is not None and stash["version"] == stream.version  # no skip in between
-            st._attention = (lambda q: self._attention(call, q)) if current else None
-            st._keys = (lambda: self._keys(call)) if current else None
-            for pruner in self.at.get(i, ()):
-                reduction = pruner.select(st)
-                if reduction is None or reduction.is_noop(st):
-                    continue
-                slots, _ = stream.reduce(i, reduction)
-                if current:  # a later pruner at this layer reads the previous block on the kept slots
-                    for key in ("hidden", "q", "k"):
-                        if stash[key] is not None:
-                            stash[key] = gather_rows(stash[key], slots)
-                    stash["version"] = stream.version
+            self._select(call, i, self.at.get(i, ()))
             call["stash"] = {"layer": i, "hidden": st.hidden, "q": None, "k": None, "version": stream.version}
             n = st.num_slots
+            call["attn_slots"] = n  # the MLP half is counted after the block (an inside merge may shrink it)
             stats = call["stats"]
             stats.tokens_per_layer.append(st.valid.sum(1).tolist())
-            width = st.hidden.shape[-1]
-            stats.flops += st.batch_size * block_flops(block, n, width)
-            stats.dense_flops += st.batch_size * block_flops(block, stream.N, width)
+            stats.dense_flops += st.batch_size * block_flops(block, stream.N, st.hidden.shape[-1])
             if not stream.changed:
                 return None
             bias = self._key_bias(st)
@@ -203,11 +225,69 @@ class EncoderAdapter(HookedAdapter):
 
         return hook
 
+    def _select(self, call, i, pruners, inside: bool = False) -> bool:
+        """Ask ``pruners`` at the current point of layer ``i`` and apply their reductions."""
+        stream, st, stash = call["stream"], call["stream"].state, call["stash"]
+        current = stash is not None and stash["version"] == stream.version  # no skip in between
+        st._attention = (lambda q: self._attention(call, q)) if current else None
+        st._keys = (lambda: self._keys(call)) if current else None
+        changed = False
+        for pruner in pruners:
+            reduction = pruner.select(st)
+            if reduction is None or reduction.is_noop(st):
+                continue
+            if inside and not reduction.persistent:
+                raise TokenPruneError(f"{pruner.name}: a {type(reduction).__name__} cannot start inside block {i}")
+            slots, _ = stream.reduce(i, reduction)
+            changed = True
+            if current:  # a later pruner at this point reads the same block on the kept slots
+                for key in ("hidden", "q", "k"):
+                    if stash[key] is not None:
+                        stash[key] = gather_rows(stash[key], slots)
+                stash["version"] = stream.version
+        return changed
+
+    def _make_mid_hook(self, i):
+        def hook(norm, args):
+            call = self.call
+            if call is None or call["stream"] is None:
+                return None
+            stream, st = call["stream"], call["stream"].state
+            if stream.skip is not None:
+                raise TokenPruneError(f"layer {i}: tokens skipping block {i} cannot be merged inside it")
+            n = st.num_slots
+            st.hidden = args[0]  # the residual stream after attention, (B, n, D)
+            if not self._select(call, i, self.inside[i], inside=True):
+                return None
+            call["mid"] = (i, n)
+            call["stats"].tokens_per_layer[-1] = st.valid.sum(1).tolist()
+            return (st.hidden, *args[1:])
+
+        return hook
+
+    def _make_branch_hook(self, i):
+        def hook(module, args, output):
+            call = self.call
+            if call is None or call["mid"] is None or call["mid"][0] != i:
+                return None
+            call["branch"] = output  # (B, m, D): the MLP update of the kept slots
+            B, _, D = output.shape
+            return output.new_zeros(()).expand(B, call["mid"][1], D)  # the block's own residual add at n slots
+
+        return hook
+
     def _make_after_hook(self, i, last):
         def hook(block, args, output):
             call = self.call
             if call is None or call["stream"] is None:
                 return None
+            st = call["stream"].state
+            if call["mid"] is not None:  # merged inside this block: ToMe's h' + MLP(norm(h'))
+                output = st.hidden + call.pop("branch")
+                call["mid"] = None
+            tower = self.tower
+            call["stats"].flops += st.batch_size * block_flops(block, call["attn_slots"], st.hidden.shape[-1],
+                                                               tower.mlp(block), st.num_slots)
             out = call["stream"].unskip(i, output)
             out = output if out is None else out
             if last or call["record"]:

@@ -4,8 +4,9 @@
     python -m tokenprune.evals.bench vit [--batch 16] [--flops-cut 0.347]
 
 llm: SmolLM2-135M prefill. vit: a DeiT-S-shaped ViT (random weights: speed only) with
-Zero-TPrune and ToMe at the paper's FLOPs cut, images/s dense vs pruned, plus random drop at
-Zero-TPrune's token counts (the engine's own cost without a scoring method).
+Zero-TPrune (layers 3, 6, 9) and ToMe (merging inside every block: ToMe's constant r, and a
+geometric keep share) at the Zero-TPrune paper's FLOPs cut, images/s dense vs pruned, plus
+random drop at Zero-TPrune's token counts (the engine's own cost without a scoring method).
 
 llm's ideal is the dense model's own time at the kept token counts: layers before the
 pruning layer timed at the full length, layers after it at the kept length. vit's ideal gain
@@ -126,20 +127,28 @@ def deit_small(device, dtype):
     return DeiTForImageClassification(cfg).eval().to(device=device, dtype=dtype)
 
 
+def flops_cut(model, pruner) -> float:
+    """1 - counted FLOPs ratio of ``pruner`` on one image."""
+    x = torch.zeros(1, 3, 224, 224, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
+    handle = prune(model, pruner)
+    model(x)
+    ratio = handle.stats.flops_ratio
+    handle.remove()
+    return 1 - ratio
+
+
 def keep_for_cut(model, make, cut: float) -> float:
     """The keep ratio whose counted FLOPs cut is closest to ``cut`` (bisection on one image)."""
-    from .. import prune
-
-    x = torch.zeros(1, 3, 224, 224, device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
     lo, hi = 0.0, 1.0
     for _ in range(12):
         mid = (lo + hi) / 2
-        handle = prune(model, make(mid))
-        model(x)
-        ratio = handle.stats.flops_ratio
-        handle.remove()
-        lo, hi = (mid, hi) if 1 - ratio > cut else (lo, mid)
+        lo, hi = (mid, hi) if flops_cut(model, make(mid)) > cut else (lo, mid)
     return round((lo + hi) / 2, 4)
+
+
+def r_for_cut(model, make, cut: float, top: int = 32) -> int:
+    """The integer r whose counted FLOPs cut is closest to ``cut``."""
+    return min(range(1, top + 1), key=lambda r: abs(flops_cut(model, make(r)) - cut))
 
 
 @torch.no_grad()
@@ -152,9 +161,11 @@ def bench_vit(batch=16, cut=0.347, repeats=3, device=None) -> list[dict]:
     x = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
     schedules = {
         "zero-tprune": lambda k: ZeroTPrune(layer=(3, 6, 9), keep_ratio=k),
-        "tome": lambda k: ToMe(layer=tuple(range(1, 12)), keep_ratio=k),
+        "tome-geometric": lambda k: ToMe(layer=tuple(range(12)), keep_ratio=k),
     }
     pruners = {name: make(keep_for_cut(model, make, cut)) for name, make in schedules.items()}
+    constant_r = lambda r: ToMe(layer=tuple(range(12)), r=r)  # noqa: E731  ToMe's own schedule
+    pruners["tome-r"] = constant_r(r_for_cut(model, constant_r, cut))
     # the same token counts as Zero-TPrune with (almost) free scoring: what the engine alone costs
     floor = pruners["zero-tprune"]
     pruners["random"] = RandomDrop(layer=floor.layer, keep_ratio=floor.keep_ratio, segment="visual",
@@ -171,15 +182,13 @@ def bench_vit(batch=16, cut=0.347, repeats=3, device=None) -> list[dict]:
     rows = [{"device": device.type, "method": "dense", "batch": batch, "images_per_s": round(batch / dense_t, 2),
              "flops_cut": 0.0, "throughput_gain": 0.0, "ideal_gain": 0.0, "gain_minus_ideal": 0.0}]
     for name, pruner in pruners.items():
-        keep, t = pruner.keep_ratio, times[name]
-        handle = prune(model, pruner)
-        model(x[:1])
-        flops_cut = 1 - handle.stats.flops_ratio
-        handle.remove()
-        ideal = 1 / (1 - flops_cut) - 1
+        t = times[name]
+        setting = f"r={pruner.r}" if name == "tome-r" else f"keep={pruner.keep_ratio}"
+        cut_here = flops_cut(model, pruner)
+        ideal = 1 / (1 - cut_here) - 1
         gain = dense_t / t - 1
-        rows.append({"device": device.type, "method": f"{name}(keep={keep})", "batch": batch,
-                     "images_per_s": round(batch / t, 2), "flops_cut": round(flops_cut, 4),
+        rows.append({"device": device.type, "method": f"{name}({setting})", "batch": batch,
+                     "images_per_s": round(batch / t, 2), "flops_cut": round(cut_here, 4),
                      "throughput_gain": round(gain, 4), "ideal_gain": round(ideal, 4),
                      "gain_minus_ideal": round(gain - ideal, 4)})
     rows.append({"device": "paper (DeiT-S, GPU, batch 256)", "method": "Zero-TPrune", "batch": 256,

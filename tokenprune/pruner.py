@@ -112,8 +112,9 @@ class SegmentDropPruner(Pruner):
     def __post_init__(self):
         super().__post_init__()
         layers = list(self.layer) if isinstance(self.layer, (list, tuple)) else [self.layer]
-        if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers):
-            raise TokenPruneError(f"{self.name}: layer must be an integer >= 1 or a list of them, got {self.layer!r}")
+        low = self.first_layer()
+        if not layers or any(isinstance(x, bool) or not isinstance(x, int) or x < low for x in layers):
+            raise TokenPruneError(f"{self.name}: layer must be an integer >= {low} or a list of them, got {self.layer!r}")
         if len(set(layers)) != len(layers):
             raise TokenPruneError(f"{self.name}: layer list {layers} repeats a layer")
         self.layer = layers[0] if isinstance(self.layer, int) else tuple(sorted(layers))
@@ -122,6 +123,11 @@ class SegmentDropPruner(Pruner):
         for f in ("protect_first", "protect_last"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
                 raise TokenPruneError(f"{self.name}: {f} must be a non-negative integer")
+
+    def first_layer(self) -> int:
+        """Lowest ``layer``: 1, since a reduction before layer 0 has no attention to read; a
+        method that reduces inside a block (after its attention) may start at 0."""
+        return 1
 
     def layers(self) -> list[int]:
         return [self.layer] if isinstance(self.layer, int) else list(self.layer)
