@@ -47,6 +47,10 @@ CASES = {
     "tome": (dict(layer=[1, 3], keep_ratio=0.7, segment="text"), dict(layer=[1, 3], keep_ratio=1.0, segment="text")),
     "zero-tprune": (dict(layer=2, keep_ratio=0.5, segment="text", protect_first=1),
                     dict(layer=2, keep_ratio=1.0, segment="text")),
+    # text has no image patches: attention importance + progressive drop only (entropy and
+    # recycling run in tests/test_lvlm.py; encoders run the defaults, skipped without pixels / grid)
+    "vflowopt": (dict(layer=[1, 3], keep_ratio=0.6, segment="text", protect_first=1, alpha=0.0, recycle_grid=0),
+                 dict(layer=[1, 3], keep_ratio=1.0, segment="text")),
 }
 ENGINE_CASES = {
     "test-skip": (SkipRandom, dict(layer=2, keep_ratio=0.3), dict(layer=2, keep_ratio=1.0)),

@@ -1,4 +1,4 @@
-"""The ``tokenprune`` command: ``run``, ``eval``, ``bench``, ``lm-eval``, ``methods``, ``models``.
+"""The ``tokenprune`` command: ``run``, ``eval``, ``bench``, ``lm-eval``, ``calibrate``, ``methods``, ``models``.
 
 Each subcommand is one entry of :data:`COMMANDS` (name -> (help, handler(argv, prog))), so a
 new one is a function and a line. Bad input exits with status 2 and one line naming the
@@ -164,6 +164,12 @@ def cmd_bench(argv, prog):
     return bench(argv)
 
 
+def cmd_calibrate(argv, prog):
+    from .calibrate import main as calibrate
+
+    return calibrate(argv, prog=prog)
+
+
 def cmd_lm_eval(argv, prog):
     from .evals.lm_eval_model import main as lm_eval_main
 
@@ -187,6 +193,7 @@ COMMANDS = {
     "eval": ("quality / fidelity / cost of methods x budgets vs dense, with plots", cmd_eval),
     "bench": ("speed benchmarks (llm prefill, vit throughput)", cmd_bench),
     "lm-eval": ("lm-evaluation-harness with the `tokenprune` model type registered", cmd_lm_eval),
+    "calibrate": ("tune a method's schedule on calibration data (vflowopt: optuna study)", cmd_calibrate),
     "methods": ("list registered pruning methods", _listing("registered pruning methods")),
     "models": ("list bundled offline models (tp.zoo)", _listing("bundled offline models")),
 }

@@ -3,6 +3,7 @@ from .fastv import FastV
 from .random import RandomDrop
 from .tome import ToMe
 from .tome_sd import ToMeSD
+from .vflowopt import VFlowOpt
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["FastV", "RandomDrop", "ToMe", "ToMeSD", "ZeroTPrune"]
+__all__ = ["FastV", "RandomDrop", "ToMe", "ToMeSD", "VFlowOpt", "ZeroTPrune"]
