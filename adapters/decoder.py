@@ -198,6 +198,8 @@ class DecoderAdapter(HookedAdapter):
 
     def _close_call(self, module, args, kwargs, output):
         call, self.call = self.call, None
+        if call is not None and call.stream is not None:
+            call.stream.release()  # also when the forward raised before the final norm
         if call is None or call.mode == "off" or call.stream is None:
             return None
         req = call.request

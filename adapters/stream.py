@@ -67,7 +67,11 @@ class Stream:
         return merged
 
     def restore(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Full-length output: kept tokens' outputs, removed tokens' exits, merged tokens' targets."""
+        """Full-length output: kept tokens' outputs, removed tokens' exits, merged tokens' targets.
+
+        Also releases the state's scoring accessors (``release``; adapters set them before each layer).
+        """
+        self.release()
         if self.exits is None:
             return None
         st = self.state
@@ -77,6 +81,12 @@ class Stream:
         for row, src, dst in reversed(self.redirects):
             out[row, src] = out[row, dst]
         return out[:, : self.N]
+
+    def release(self):
+        """Drop the state's attention / keys accessors: they close over the adapter's call record,
+        which holds this stream, and that cycle would keep the call's tensors alive until the
+        garbage collector happens to run."""
+        self.state._attention = self.state._keys = None
 
     def _remember_exits(self, full: torch.Tensor, reduction):
         """Write the hidden states of the slots leaving now (kept ones are written later)."""
