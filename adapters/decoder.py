@@ -82,6 +82,15 @@ def check_foreign_cache(cache, request) -> None:
                               + CACHE_RULE)
 
 
+def check_cache_rows(request, args, kwargs) -> None:
+    """A pruned cache continues the rows it was filled with (each row kept its own keys)."""
+    rows = next(iter(request.key_index.values())).shape[0] if request.key_index else None
+    x = next((t for t in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if torch.is_tensor(t)), None)
+    if rows is not None and x is not None and x.shape[0] != rows:
+        raise TokenPruneError(f"this call has {x.shape[0]} rows but its pruned KV cache holds {rows}: "
+                              "a pruned cache can only be continued with the rows it was filled with")
+
+
 def retire_cache(cache) -> None:
     """At ``remove()``: make the pruned caches this attachment filled refuse further use.
 
@@ -189,6 +198,7 @@ class DecoderAdapter(HookedAdapter):
         request = self._requests.get(cache) if cache is not None else None
         if request is not None and seen == request.dense_len:
             mode = "decode"
+            check_cache_rows(request, args, kwargs)
         elif seen == 0:
             mode, request = "prefill", Request()
         else:  # a cache filled without us (or changed since): dense caches run dense, pruned ones raise

@@ -95,3 +95,13 @@ def test_pruned_cache_continues_under_its_own_attachment(model):
         with handle.segments(seg):
             recomputed = model(torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1:]
     assert torch.allclose(first, recomputed, atol=1e-4, rtol=1e-4)
+
+
+def test_pruned_cache_continued_with_other_rows_raises(model):
+    ids = torch.cat([prompt(seed=1), prompt(seed=2)])
+    with torch.no_grad(), tp.pruning(model, tp.FastV(layer=2, keep_ratio=0.5)):
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        with pytest.raises(tp.TokenPruneError, match="has 1 rows but its pruned KV cache holds 2"):
+            step(model, out.past_key_values, nxt[:1], torch.ones(1, ids.shape[1] + 1, dtype=torch.long))
+        assert step(model, out.past_key_values, nxt, torch.ones(2, ids.shape[1] + 1, dtype=torch.long)).shape[0] == 2
