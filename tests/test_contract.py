@@ -52,6 +52,12 @@ CASES = {
     "vflowopt": (dict(layer=[1, 3], keep_ratio=0.6, segment="text", protect_first=1, alpha=0.0, recycle_grid=0),
                  dict(layer=[1, 3], keep_ratio=1.0, segment="text")),
 }
+# Methods that need what only another family provides (an LVLM's vision tower or image grid, a
+# U-Net's feature map): here they must raise the library's error; their contract runs in that
+# family's tests (tests/test_lvlm.py, tests/test_unet.py). name -> (config, error message pattern)
+ELSEWHERE = {
+    "tome-sd": (dict(ratio=0.5, blocks=[1]), "2-D token grid"),
+}
 ENGINE_CASES = {
     "test-skip": (SkipRandom, dict(layer=2, keep_ratio=0.3), dict(layer=2, keep_ratio=1.0)),
     "test-merge": (MergeRandom, dict(layer=2, keep_ratio=0.5), dict(layer=2, keep_ratio=1.0)),
@@ -87,7 +93,21 @@ def greedy(model, ids, n=6, **kw):
 
 
 def test_every_registered_method_has_a_contract_case():
-    assert set(tp.list_pruners()) == set(CASES)
+    assert set(tp.list_pruners()) == set(CASES) | set(ELSEWHERE)
+    assert not set(CASES) & set(ELSEWHERE)
+
+
+@pytest.mark.parametrize("name", sorted(ELSEWHERE))
+def test_methods_of_other_families_refuse_with_the_library_error(decoder, name):
+    config, message = ELSEWHERE[name]
+    ids = prompt()
+    with torch.no_grad():
+        dense = decoder(ids).logits
+        before, hooks = params_of(decoder), hook_count(decoder)
+        with pytest.raises(tp.TokenPruneError, match=message):
+            with tp.pruning(decoder, tp.build_pruner(name, **config)):
+                decoder(ids)
+    assert_untouched(decoder, before, hooks, ids, dense)
 
 
 @pytest.mark.parametrize("name", ALL)
