@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test bench install system-deps clean
+.PHONY: demo demo-cli test bench install system-deps clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(MAKE) system-deps
@@ -18,13 +18,19 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 install: $(STAMP)
 
-# Data that Debian ships (Fashion-MNIST for the tiny-vit / tiny-clip testbeds).
+# What Debian ships: Fashion-MNIST (tiny-vit / tiny-clip data) and Chromium, which the browser
+# tests drive through Playwright (Playwright's own browser download cannot work offline).
+DEBS := dataset-fashion-mnist chromium
 system-deps:
-	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
-		else echo "note: apt-get install dataset-fashion-mnist (needs root) for the vision testbeds' data"; fi; }
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+		else echo "note: apt-get install $$missing (needs root): vision testbeds' data / browser tests"; fi; fi
 
-demo: $(STAMP)
+demo: $(STAMP)        # the Gradio app on localhost; prints its URL (GRADIO_SERVER_PORT or PORT=... picks the port)
+	$(BIN)/python demos/app.py $(if $(PORT),--port $(PORT))
+
+demo-cli: $(STAMP)    # the terminal demonstration: SmolLM2 dense vs FastV
 	$(BIN)/python demos/llm_cli.py
 
 test: $(STAMP)

@@ -243,8 +243,22 @@ class Loaded:
     processor: object
 
 
+_LOADED: dict[str, Loaded] = {}
+_LOAD_GUARD = threading.Lock()
+
+
 def load_model(spec: str) -> Loaded:
-    """A bundled model by name (``tp.zoo.names()``) or a local model directory; nothing is downloaded."""
+    """A bundled model by name (``tp.zoo.names()``) or a local model directory; nothing is downloaded.
+
+    Loaded once per process and shared: callers attach pruners only inside ``model_lock``.
+    """
+    with _LOAD_GUARD:
+        if spec not in _LOADED:
+            _LOADED[spec] = _load(spec)
+        return _LOADED[spec]
+
+
+def _load(spec: str) -> Loaded:
     import json
     import os
 
@@ -304,10 +318,16 @@ def sample_image(kind: str, index: int = 0):
 
     from ..zoo import data
 
-    if kind == "lvlm":
-        images = data.easy_vqa_shapes("test")[0]
-    else:
-        images = data.fashion_mnist("test")[0]
+    if kind == "lvlm":  # by image id, the order of data.easy_vqa_shapes, without labelling them all
+        import easy_vqa
+
+        paths = easy_vqa.get_test_image_paths()
+        ids = sorted(paths)
+        if not 0 <= index < len(ids):
+            raise TokenPruneError(f"test image index {index} is out of range 0..{len(ids) - 1}")
+        with Image.open(paths[ids[index]]) as im:
+            return im.convert("RGB")
+    images = data.fashion_mnist("test")[0]
     if not 0 <= index < len(images):
         raise TokenPruneError(f"test image index {index} is out of range 0..{len(images) - 1}")
     return Image.fromarray(images[index]).convert("RGB")
