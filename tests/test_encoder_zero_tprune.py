@@ -104,3 +104,17 @@ def test_config_round_trips():
     assert tp.build_pruner(**p.to_dict()) == p
     q = tp.ToMe(layer=[0, 1], r=[8, 4])
     assert tp.build_pruner(**q.to_dict()) == q
+
+
+def test_pagerank_on_the_alive_tokens_is_pagerank_on_their_renormalised_graph():
+    from tokenprune.methods.zero_tprune import weighted_pagerank
+
+    g = torch.Generator().manual_seed(0)
+    attn = torch.rand(2, 3, 9, 9, generator=g).softmax(-1)
+    alive = torch.rand(2, 9, generator=g) > 0.3
+    init = alive.float() / alive.float().sum(1, keepdim=True)
+    sub = attn * alive[:, None, None, :]
+    sub = sub / sub.sum(-1, keepdim=True)
+    expected = weighted_pagerank(sub, init, 5) * alive[:, None, :]
+    assert torch.allclose(weighted_pagerank(attn, init, 5, alive=alive), expected, atol=1e-6)
+    assert torch.allclose(weighted_pagerank(attn, init, 5, chunk=9 * 9 * 3, alive=alive), expected, atol=1e-6)

@@ -42,21 +42,31 @@ from ..reductions import Drop, keep_count, rectangular, top_k_mask
 from ..state import Segment
 
 
-def weighted_pagerank(attn: torch.Tensor, init: torch.Tensor, iterations: int, chunk: int | None = None) -> torch.Tensor:
+def weighted_pagerank(attn: torch.Tensor, init: torch.Tensor, iterations: int, chunk: int | None = None,
+                      alive: torch.Tensor | None = None) -> torch.Tensor:
     """Per-head importance (B, H, n): ``iterations`` steps of s <- A^T s (rows of A sum to 1).
 
-    ``init`` is (B, n), the same start for every head. Each step is a memory-bound batched
-    matvec; on the CPU, rows go in chunks of about ``chunk`` attention entries (default 1 MB of
-    float32 per thread), so a chunk stays in cache for all its steps (1.5x faster at DeiT-S
-    shapes than streaming the whole batch through memory every step).
+    ``init`` is (B, n), the same start for every head. With ``alive`` (B, n) bool, the graph is
+    the one among the alive tokens, rows renormalised over them (what softmax over those keys
+    gives), without building that matrix: s <- ((s / row mass) A) * alive. Each step is a
+    memory-bound batched matvec; on the CPU, rows go in chunks of about ``chunk`` attention
+    entries (default 1 MB of float32 per thread), so a chunk stays in cache for all its steps
+    (1.5x faster at DeiT-S shapes than streaming the whole batch through memory every step).
     """
     chunk = chunk or (1 << 18) * torch.get_num_threads()
     rows = len(attn) if attn.is_cuda else max(1, chunk // attn[0].numel())
+    alive = torch.ones_like(init, dtype=torch.bool) if alive is None else alive
     out = []
-    for a, s0 in zip(attn.split(rows), init.split(rows)):
+    for a, s0, keep in zip(attn.split(rows), init.split(rows), alive.split(rows)):
         s = s0[:, None, None, :].expand(-1, a.shape[1], 1, -1)
-        for _ in range(iterations):
-            s = s @ a  # row-vector times matrix, no copy of the attention
+        if bool(keep.all()):
+            for _ in range(iterations):
+                s = s @ a  # row-vector times matrix, no copy of the attention
+        else:
+            col = keep[:, None, None, :].to(a.dtype)
+            inv_mass = 1 / (col @ a.transpose(-1, -2)).clamp_min(torch.finfo(a.dtype).tiny)  # (b, H, 1, n)
+            for _ in range(iterations):
+                s = ((s * inv_mass) @ a) * col
         out.append(s[:, :, 0])
     return torch.cat(out)
 
@@ -139,7 +149,7 @@ class ZeroTPrune(SegmentDropPruner):
         weight = torch.full_like(n_alive, self.prefix_weight) if self.prefix_weight else n_alive.sqrt()
         init = alive.float() * torch.where(state.segments == Segment.SYSTEM, weight, 1.0)
         init = init / init.sum(1, keepdim=True)
-        per_head = weighted_pagerank(attn, init, steps)
+        per_head = weighted_pagerank(attn, init, steps, alive=alive)
         heads = head_filter(per_head, scored, *self.head_variance) if self.head_variance else \
             torch.ones(per_head.shape[:2], dtype=torch.bool, device=per_head.device)
         return combine_heads(per_head, heads, self.head_combine)
@@ -168,9 +178,7 @@ class ZeroTPrune(SegmentDropPruner):
         # I: importance recomputed on the survivors; the least important go
         alive = state.valid & ~similar
         if self.recompute and bool((remove > remove_s).any()):
-            sub = attn * alive[:, None, None, :].to(attn.dtype)
-            sub = sub / sub.sum(-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
-            rank = self.importance(state, sub, alive, candidates & alive, steps)
+            rank = self.importance(state, attn, alive, candidates & alive, steps)
         left = candidates & alive
         kept = top_k_mask(rank, left, count=left.sum(1) - (remove - remove_s))
         return Drop(keep=state.valid & ~(left & ~kept) & ~similar)
