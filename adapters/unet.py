@@ -3,7 +3,8 @@
 Every reduction is confined to one ``BasicTransformerBlock``, so the feature map the
 convolutions see stays whole. Before block i its pruners read a ``TokenState`` of the block's
 input: the row-major pixels of the block's map (``Segment.VISUAL``) with ``state.grid`` (h, w),
-``state.downsample`` (input size / map size) and the call's diffusion ``state.timestep``.
+``state.downsample`` (input size / map size), the call's diffusion ``state.timestep`` and, as
+an LVLM gives for its patches, per-token ``state.info("row")`` / ``"col"`` / ``"image"``.
 The chosen parts of the block (self-attention ``attn1``, cross-attention ``attn2``,
 feed-forward ``ff``; all three unless the reduction names ``parts``) then run on the kept
 slots, and each part's output is spread back to every token before its residual add: a
@@ -213,6 +214,9 @@ class UNetAdapter(HookedAdapter):
                         torch.ones(B, N, dtype=torch.bool, device=dev),
                         torch.full((B, N), int(Segment.VISUAL), device=dev),
                         grid=grid, downsample=downsample, timestep=call["timestep"])
+        if grid is not None:  # the per-token grid facts an LVLM gives too (methods' spatial steps read them)
+            pos = torch.arange(N, device=dev)[None]
+            st.token_info = {"image": torch.zeros_like(pos), "row": pos // grid[1], "col": pos % grid[1]}
         if getattr(block, "norm_type", None) == "layer_norm":
             st._attention = lambda q: self._attention(block, hidden, q)
             st._keys = lambda: self._qk(block, hidden, need_q=False)[1]

@@ -25,6 +25,7 @@ UNET_CASES = {
     "random": (dict(layer=[1, 2], keep_ratio=0.5, seed=2, **VISUAL), dict(layer=[1, 2], keep_ratio=1.0, **VISUAL)),
     "tome": (dict(layer=[1, 3], keep_ratio=0.6), dict(layer=[1, 3], keep_ratio=1.0)),
     "zero-tprune": (dict(layer=[2], keep_ratio=0.6), dict(layer=[2], keep_ratio=1.0)),
+    "vflowopt": (dict(layer=[1, 3], keep_ratio=0.5), dict(layer=[1, 3], keep_ratio=1.0)),  # recycles on the grid
 }
 
 
