@@ -16,17 +16,29 @@ Uses CUDA events on a GPU, ``perf_counter`` on the CPU. FLOPs are the adapters' 
 against ``torch.utils.flop_counter`` in the tests; the stock counter skips the CPU SDPA
 kernel, so it is not used directly). Scoring work (recomputed attention, PageRank) is not in
 the FLOPs: it shows as time above the ideal.
+
+    python -m tokenprune.evals.bench lvlm [--methods fastv random ...] [--prunes 0.75 0.9] [--text 60]
+
+lvlm: time to first token of a LLaVA-1.5-shaped model (random weights, widths cut to fit a CPU;
+576 visual + ``--text`` text tokens), dense vs each method at each share of visual tokens
+pruned, next to the ideal (the dense decoder timed at each kept count in the same turns), with
+each method's scoring time (its ``select``) as a share of the dense prefill; plus the exact
+FLOPs and KV-cache bytes of LLaVA-1.5-7B at the same settings (``llava7b_accounting``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import statistics
+import sys
 import time
 
 import torch
 
-from .. import FastV, prune, pruning, zoo
+from .. import FastV, TokenPruneError, build_pruner, list_pruners, prune, pruning, zoo
+from ..stats import decoder_layer_flops, kv_bytes_per_token
 from .text import token_block
 
 
@@ -201,10 +213,331 @@ def bench_vit(batch=16, cut=0.347, repeats=3, device=None) -> list[dict]:
     return rows
 
 
+# ---- lvlm: LLaVA-1.5 shape ------------------------------------------------------------------
+IMAGE_TOKEN = 32000  # llava-hf's <image> id
+#: llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336 tower (features of its second-to-last layer, CLS
+#: dropped: 576 tokens), 2-layer GELU MLP projector, Llama-2-7B decoder (32000 words plus the
+#: checkpoint's added tokens, padded to 32064).
+LLAVA_7B = {
+    "vision": dict(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                   num_hidden_layers=24, num_attention_heads=16),
+    "text": dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32),
+}
+#: What the CPU times: LLaVA-7B's prompt layout and depths, widths cut 8x so a prefill takes seconds
+LLAVA_CPU = {
+    "vision": dict(LLAVA_7B["vision"], hidden_size=128, intermediate_size=512, num_attention_heads=2),
+    "text": dict(LLAVA_7B["text"], hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+                 num_key_value_heads=8),
+}
+#: LLaVA-7B's layout and decoder depth at a width where a prefill is cheap: the real adapter runs
+#: here to give the kept tokens per layer (and cached keys) of the 7B accounting
+LLAVA_COUNT = {
+    "vision": dict(LLAVA_7B["vision"], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=1),
+    "text": dict(LLAVA_7B["text"], hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                 num_key_value_heads=2),
+}
+#: options the bench sets besides the budget: trained modules fit their testbed, not random weights
+LVLM_OPTIONS = {"atp": dict(checkpoint=None)}
+
+
+def llava(shape: dict, device="cpu", dtype=torch.float32, attn="sdpa", seed=0):
+    """A random LlavaForConditionalGeneration of ``shape`` (``device="meta"``: no weights at all)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**shape["vision"]),
+                         text_config=LlamaConfig(**shape["text"], max_position_embeddings=4096, pad_token_id=0),
+                         image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                         attn_implementation=attn)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).eval()
+    return model.to(dtype)
+
+
+def llava_prompt(model, text: int = 60, before: int = 35) -> dict:
+    """One LLaVA-1.5 prompt: bos + system prompt + "USER:" (``before`` tokens), the image's
+    tokens, then the question and " ASSISTANT:" (``text`` text tokens in all); random ids."""
+    vc = model.config.vision_config
+    visual = (vc.image_size // vc.patch_size) ** 2
+    before = min(before, text // 2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, IMAGE_TOKEN, (1, text + visual), generator=g)
+    ids[0, 0] = 1
+    ids[0, before:before + visual] = IMAGE_TOKEN
+    pixels = torch.randn(1, 3, vc.image_size, vc.image_size, generator=g)
+    p = next(model.parameters())
+    return dict(input_ids=ids.to(p.device), pixel_values=pixels.to(p.device, p.dtype), logits_to_keep=1)
+
+
+def lvlm_methods(names=None) -> list[str]:
+    """``names``, or every registered method that goes to an LVLM's decoder by default."""
+    if names:
+        return list(names)
+    return [n for n in list_pruners() if build_pruner(n, **LVLM_OPTIONS.get(n, {})).resolved_target() == "language"]
+
+
+def visual_kept(stats, text: int) -> int:
+    """Visual tokens entering the last decoder layer (row 0)."""
+    return stats.tokens_per_layer[-1][0] - text
+
+
+def run_pruned(model, pruner, inputs):
+    """(stats, cached keys per layer) of one prefill under ``pruner``."""
+    with pruning(model, pruner) as handle:
+        out = model(**inputs, use_cache=True)
+        stats = handle.stats
+    return stats, [layer.get_seq_length() for layer in out.past_key_values.layers]
+
+
+def lvlm_pruner(model, name: str, prune: float, inputs, text: int):
+    """``name`` on the decoder's visual tokens, its ``keep_ratio`` set so that ``prune`` of the
+    visual tokens are gone after its last layer; the method's own defaults otherwise.
+
+    ``keep_ratio`` means that share for single-layer and budgeted methods; for per-stage ratios
+    (progressive schedules) it is found by bisection on the kept count.
+    """
+    visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
+    target = visual - int(visual * prune + 0.5)
+    fields = {f.name for f in dataclasses.fields(type(build_pruner(name, **LVLM_OPTIONS.get(name, {}))))}
+    if "keep_ratio" not in fields:
+        raise TokenPruneError(f"{name} has no keep_ratio: the bench cannot set its budget")
+
+    def make(keep):
+        options = dict(segment="visual", protect_first=0, protect_last=0, target="language", keep_ratio=keep,
+                       **LVLM_OPTIONS.get(name, {}))
+        return build_pruner(name, **{k: v for k, v in options.items() if k in fields})
+
+    def kept(keep):
+        return visual_kept(run_pruned(model, make(keep), inputs)[0], text)
+
+    keep, tolerance = round(1 - prune, 6), max(1, visual // 100)
+    best = (abs(kept(keep) - target), keep)
+    if best[0] and kept(0.0) > target + tolerance:
+        raise TokenPruneError(f"{name} cannot prune {prune:.0%} of the visual tokens with its schedule "
+                              f"(keep_ratio=0 leaves {kept(0.0)} of {visual}, target {target})")
+    lo, hi = 0.0, 1.0
+    for _ in range(14):
+        if best[0] == 0:
+            break
+        mid = (lo + hi) / 2
+        got = kept(mid)
+        best = min(best, (abs(got - target), round(mid, 6)))
+        lo, hi = (mid, hi) if got < target else (lo, mid)
+    if best[0] > tolerance:
+        raise TokenPruneError(f"{name} cannot prune {prune:.0%} of the visual tokens: the closest keep_ratio "
+                              f"leaves {best[0]} tokens off the target {target} of {visual}")
+    return make(best[1])
+
+
+class SelectTimer:
+    """Seconds spent in a pruner's ``select`` (its scoring: attention recomputed, tower facts,
+    top-k) during one forward; times a copy, so the pruners timed in turns are not touched."""
+
+    def __init__(self, pruner, device):
+        self.pruner, self.seconds = copy.copy(pruner), 0.0
+        select = self.pruner.select
+
+        def timed_select(state):
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            out = select(state)
+            sync()
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        self.pruner.select = timed_select
+
+
+def scoring_seconds(model, pruner, inputs, repeats, device) -> float:
+    spent = []
+    for _ in range(repeats):
+        timer = SelectTimer(pruner, device)
+        with pruning(model, timer.pruner):
+            model(**inputs)
+        spent.append(timer.seconds)
+    return statistics.median(spent)
+
+
+def layer_flops_counted(layer, rotary, n: int) -> int:
+    """flop_counter's count of one (meta) decoder layer on ``n`` tokens."""
+    from .metrics import count_flops
+
+    p = next(layer.parameters())
+    x = torch.zeros(1, n, p.shape[-1], device=p.device, dtype=p.dtype)
+    rope = rotary(x, torch.arange(n, device=p.device)[None])
+    return count_flops(lambda: layer(x, attention_mask=None, position_embeddings=rope))
+
+
+def llava7b_accounting(methods, prunes, text=60, kv_dtype_bytes=2) -> dict:
+    """Exact FLOPs and KV-cache bytes of a LLaVA-1.5-7B prefill, dense vs each method.
+
+    The engine reads token counts (data-dependent), so meta tensors cannot run through the
+    pruning path: the real adapter runs on ``LLAVA_COUNT`` (the 7B's layout and depth, narrow
+    widths) and gives the tokens entering each layer and the keys each layer caches; the FLOPs
+    are ``flop_counter`` on the dense meta 7B model's tower + projector, on one decoder layer at
+    each kept count, and on the LM head (one position, as prefill computes), next to the
+    adapter's analytic count (``decoder_layer_flops``). KV bytes: cached keys x the 7B's
+    per-token K+V bytes (fp16 by default).
+    """
+    from .metrics import count_flops
+
+    counter = llava(LLAVA_COUNT)
+    inputs = llava_prompt(counter, text)
+    meta = llava(LLAVA_7B, device="meta", attn="eager")
+    cfg = meta.config.text_config
+    lm = meta.model.language_model
+    vc = meta.config.vision_config
+    pixels = torch.zeros(1, 3, vc.image_size, vc.image_size, device="meta")
+    with torch.no_grad():
+        tower = count_flops(lambda: meta.model.get_image_features(pixel_values=pixels))
+        head = count_flops(lambda: meta.lm_head(torch.zeros(1, 1, cfg.hidden_size, device="meta")))
+        per_layer = {}
+
+        def layer_flops(n):
+            if n not in per_layer:
+                per_layer[n] = layer_flops_counted(lm.layers[0], lm.rotary_emb, n)
+            return per_layer[n]
+
+        kv_per_token = kv_bytes_per_token(cfg, kv_dtype_bytes)
+        N = inputs["input_ids"].shape[1]
+        L = cfg.num_hidden_layers
+
+        def entry(method, prune, tokens, cached, config=None):
+            decoder = sum(layer_flops(n) for n in tokens)
+            return {"method": method, "visual_pruned": prune, "config": config,
+                    "tokens_per_layer": tokens, "cached_keys_per_layer": cached,
+                    "visual_kept": tokens[-1] - text,
+                    "decoder_flops": decoder, "decoder_flops_analytic": sum(decoder_layer_flops(cfg, n, n) for n in tokens),
+                    "ttft_flops": tower + decoder + head, "kv_bytes": sum(cached) * kv_per_token}
+
+        rows = [entry("dense", 0.0, [N] * L, [N] * L)]
+        skipped = {}
+        for name in methods:
+            for prune in prunes:
+                try:
+                    pruner = lvlm_pruner(counter, name, prune, inputs, text)
+                except TokenPruneError as e:
+                    skipped[f"{name}@{prune}"] = str(e)
+                    continue
+                stats, cached = run_pruned(counter, pruner, inputs)
+                row = entry(name, prune, [r[0] for r in stats.tokens_per_layer], cached, pruner.to_dict())
+                # the adapter's own KV accounting, at the 7B's per-token bytes
+                counted = kv_bytes_per_token(counter.config.text_config, next(counter.parameters()).element_size())
+                row["kv_bytes_adapter"] = stats.kv_bytes // counted * kv_per_token
+                rows.append(row)
+    dense = rows[0]
+    for r in rows:
+        r["ttft_flops_ratio"] = round(r["ttft_flops"] / dense["ttft_flops"], 4)
+        r["decoder_flops_ratio"] = round(r["decoder_flops"] / dense["decoder_flops"], 4)
+        r["kv_ratio"] = round(r["kv_bytes"] / dense["kv_bytes"], 4)
+    return {"shape": LLAVA_7B, "kv_dtype_bytes": kv_dtype_bytes, "tower_projector_flops": tower,
+            "lm_head_flops": head, "prompt_tokens": N, "visual_tokens": N - text, "text_tokens": text,
+            "rows": rows, "skipped": skipped,
+            "note": "meta tensors cannot run through the pruning path (the engine reads token counts); kept "
+                    "counts per layer come from the real adapter on a narrow model with the 7B's layout and "
+                    "depth, FLOPs from flop_counter on the dense meta 7B model at those counts"}
+
+
+@torch.no_grad()
+def bench_lvlm(methods=None, prunes=(0.75, 0.9), text=60, repeats=5, device=None, shape=None,
+               accounting=True) -> dict:
+    """Time to first token of a LLaVA-1.5-shaped model (random weights), dense vs each method.
+
+    The ideal is the dense model's own time at the kept counts: the dense prefill minus, for
+    each decoder layer, what the dense decoder saves per layer at that layer's kept count
+    (the decoder alone, timed at each count in the same turns, divided by its depth).
+    """
+    from tqdm.auto import tqdm
+
+    device = pick_device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    shape = shape or LLAVA_CPU
+    model = llava(shape, dtype=dtype).to(device)
+    inputs = llava_prompt(model, text)
+    N = inputs["input_ids"].shape[1]
+    L = model.config.text_config.num_hidden_layers
+    names = lvlm_methods(methods)
+
+    pruners, skipped = {}, {}
+    for name in tqdm(names, desc="budgets", leave=False):
+        for prune in prunes:
+            try:
+                pruners[(name, prune)] = lvlm_pruner(model, name, prune, inputs, text)
+            except TokenPruneError as e:  # cannot run on an LVLM, or not at this budget: listed, not timed
+                skipped[f"{name}@{prune}"] = str(e)
+    runs = {key: run_pruned(model, p, inputs)[0] for key, p in pruners.items()}
+
+    lm = model.model.language_model
+    embeds = torch.randn(1, N, model.config.text_config.hidden_size, device=device, dtype=dtype)
+    counts = sorted({N} | {r[0] for s in runs.values() for r in s.tokens_per_layer})
+
+    def with_pruner(p):
+        def fn():
+            with pruning(model, p):
+                model(**inputs)
+        return fn
+
+    fns = {"dense": lambda: model(**inputs)}
+    fns.update({f"{n}@{p}": with_pruner(pr) for (n, p), pr in pruners.items()})
+    fns.update({f"decoder@{n}": (lambda n=n: lm(inputs_embeds=embeds[:, :n])) for n in counts})
+    bar = tqdm(total=len(fns) * (repeats + 1), desc="timing in turns", leave=False)
+
+    def ticking(fn):
+        def run():
+            fn()
+            bar.update()
+        return run
+
+    times = interleaved({k: ticking(f) for k, f in fns.items()}, repeats, device)
+    bar.close()
+    dense_t = times["dense"]
+    rows = [{"method": "dense", "visual_pruned": 0.0, "visual_kept": N - text, "tokens_per_layer": [N] * L,
+             "dense_s": round(dense_t, 4), "pruned_s": round(dense_t, 4), "ideal_s": round(dense_t, 4)}]
+    for (name, prune), pruner in tqdm(pruners.items(), desc="scoring", leave=False):
+        stats = runs[(name, prune)]
+        t = times[f"{name}@{prune}"]
+        tokens = [r[0] for r in stats.tokens_per_layer]
+        ideal = dense_t - sum(times[f"decoder@{N}"] - times[f"decoder@{n}"] for n in tokens) / L
+        scoring = scoring_seconds(model, pruner, inputs, repeats, device)
+        rows.append({
+            "method": name, "visual_pruned": prune, "visual_kept": visual_kept(stats, text), "config": pruner.to_dict(),
+            "tokens_per_layer": tokens, "dense_s": round(dense_t, 4), "pruned_s": round(t, 4), "ideal_s": round(ideal, 4),
+            "speedup": round(dense_t / t, 3), "ideal_speedup": round(dense_t / ideal, 3),
+            "fraction_of_ideal": round(ideal / t, 3),
+            "savings_fraction_of_ideal": round((dense_t - t) / (dense_t - ideal), 3) if dense_t > ideal else None,
+            "scoring_s": round(scoring, 4), "scoring_share_of_dense": round(scoring / dense_t, 4),
+            "overhead_share_of_dense": round((t - ideal) / dense_t, 4),
+            "flops_ratio": round(stats.flops_ratio, 4), "kv_ratio": round(stats.kv_ratio, 4),
+        })
+    cols = ["method", "visual_pruned", "visual_kept", "pruned_s", "ideal_s", "speedup", "ideal_speedup",
+            "savings_fraction_of_ideal", "scoring_share_of_dense", "overhead_share_of_dense"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "-")) for c in cols), flush=True)
+    result = {
+        "device": device.type, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+        "repeats": repeats, "shape": shape, "prompt_tokens": N, "visual_tokens": N - text, "text_tokens": text,
+        "decoder_s": {str(n): round(times[f"decoder@{n}"], 4) for n in counts},
+        "rows": rows, "skipped": skipped,
+    }
+    if accounting:
+        timed = list(dict.fromkeys(name for name, _ in pruners))
+        result["llava_7b"] = acc = llava7b_accounting(timed, prunes, text)
+        cols = ["method", "visual_pruned", "visual_kept", "ttft_flops_ratio", "decoder_flops_ratio", "kv_ratio"]
+        print("\nLLaVA-1.5-7B: " + " | ".join(cols))
+        for r in acc["rows"]:
+            print(" | ".join(str(r[c]) for c in cols), flush=True)
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="tokenprune.evals.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("family", choices=["llm", "vit"], help="which benchmark")
+    ap.add_argument("family", choices=["llm", "vit", "lvlm"], help="which benchmark")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--layer", type=int, default=4, help="first layer that runs on the pruned set")
     ap.add_argument("--keep", type=float, default=0.5, help="share of prompt tokens kept")
@@ -212,9 +545,16 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--batch", type=int, default=None, help="vit: images per batch (default 256 on GPU, 16 on CPU)")
     ap.add_argument("--flops-cut", type=float, default=0.347, help="vit: FLOPs cut to match (paper: 34.7%%)")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="lvlm: methods to time (default: every registered method for an LVLM decoder)")
+    ap.add_argument("--prunes", type=float, nargs="+", default=[0.75, 0.9], help="lvlm: shares of visual tokens pruned")
+    ap.add_argument("--text", type=int, default=60, help="lvlm: text tokens per prompt (plus 576 visual)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
-    if args.family == "vit":
+    if args.family == "lvlm":
+        rows = bench_lvlm(args.methods, tuple(args.prunes), args.text, args.repeats, args.device)
+        rows["command"] = " ".join(["python -m tokenprune.evals.bench", *(argv if argv is not None else sys.argv[1:])])
+    elif args.family == "vit":
         batch = args.batch or (256 if pick_device(args.device).type == "cuda" else 16)
         rows = bench_vit(batch, args.flops_cut, args.repeats, args.device)
     else:
