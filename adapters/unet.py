@@ -55,6 +55,13 @@ def find_unet(model) -> nn.Module | None:
     return unet
 
 
+def transformer_blocks(unet) -> list[nn.Module]:
+    """The U-Net's ``BasicTransformerBlock``s in the order they run: down blocks, mid block, up blocks."""
+    block_cls = _diffusers()[1]
+    parts = [getattr(unet, n, None) for n in ("down_blocks", "mid_block", "up_blocks")] + [unet]
+    return list(dict.fromkeys(m for p in parts if p is not None for m in p.modules() if isinstance(m, block_cls)))
+
+
 def _weights(module: nn.Module | None, names=None) -> int:
     """Entries of the 2-D weight matrices under ``module`` (optionally only the named children)."""
     if module is None:
@@ -122,10 +129,7 @@ class UNetAdapter(HookedAdapter):
     def __init__(self, model, pruners):
         self.model = model
         self.unet = find_unet(model)
-        block_cls = _diffusers()[1]
-        # numbered in the order they run: down blocks, mid block, up blocks
-        parts = [getattr(self.unet, n, None) for n in ("down_blocks", "mid_block", "up_blocks")] + [self.unet]
-        self.blocks = list(dict.fromkeys(m for p in parts if p is not None for m in p.modules() if isinstance(m, block_cls)))
+        self.blocks = transformer_blocks(self.unet)  # numbered in the order they run
         self.holders = [m for m in self.unet.modules()
                         if isinstance(getattr(m, "transformer_blocks", None), nn.ModuleList)]
         super().__init__(pruners, len(self.blocks))
@@ -287,3 +291,69 @@ class UNetAdapter(HookedAdapter):
             q = q.gather(2, query_slots[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
         visible = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=k.device)
         return attention_probs(q, k, block.attn1.scale, visible)
+
+
+# ---- structural pruning: a smaller copy of the U-Net (the experts of APTP-style routing) ------
+def _sub_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight if rows is None else lin.weight[rows]
+    w = w if cols is None else w[:, cols]
+    out = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if lin.bias is not None:
+            out.bias.copy_(lin.bias if rows is None else lin.bias[rows])
+    return out
+
+
+def _keep_heads(attn, keep: torch.Tensor):
+    d = attn.inner_dim // attn.heads
+    idx = (keep.nonzero().flatten()[:, None] * d + torch.arange(d)).flatten()
+    attn.to_q = _sub_linear(attn.to_q, rows=idx)
+    attn.to_k = _sub_linear(attn.to_k, rows=idx)
+    attn.to_v = _sub_linear(attn.to_v, rows=idx)
+    attn.to_out[0] = _sub_linear(attn.to_out[0], cols=idx)
+    attn.heads = int(keep.sum())
+    attn.inner_dim = attn.inner_kv_dim = len(idx)
+
+
+def _keep_channels(ff, keep: torch.Tensor):
+    act, idx = ff.net[0], keep.nonzero().flatten()
+    inner = ff.net[2].in_features
+    gated = act.proj.out_features == 2 * inner  # GEGLU / SwiGLU: value and gate halves
+    act.proj = _sub_linear(act.proj, rows=torch.cat([idx, idx + inner]) if gated else idx)
+    ff.net[2] = _sub_linear(ff.net[2], cols=idx)
+
+
+def slice_unet(unet, heads: dict | None = None, channels: dict | None = None):
+    """A smaller copy of ``unet`` (the original is untouched) keeping, in transformer block i,
+    the attention heads ``heads[i]`` (bool per head, in attn1 and attn2) and the feed-forward
+    channels ``channels[i]`` (bool per hidden channel).
+
+    Its output equals the full U-Net with the dropped heads' and channels' contributions gated
+    to zero, at the smaller model's cost: what a width code of structural pruning (APTP) has to
+    become for real speed, since gates that multiply by zero save nothing.
+    """
+    import copy
+
+    heads, channels = heads or {}, channels or {}
+    blocks = transformer_blocks(unet)
+    for name, masks in (("heads", heads), ("channels", channels)):
+        for i, keep in masks.items():
+            if not 0 <= i < len(blocks):
+                raise TokenPruneError(f"{name}: block {i} is beyond the model, which has {len(blocks)} transformer blocks")
+            block = blocks[i]
+            size = block.attn1.heads if name == "heads" else block.ff.net[2].in_features
+            keep = torch.as_tensor(keep)
+            if keep.dtype != torch.bool or keep.shape != (size,) or not bool(keep.any()):
+                raise TokenPruneError(f"{name}[{i}] must be a bool mask of {size} entries keeping at least one")
+            if name == "heads" and block.attn2 is not None and block.attn2.heads != size:
+                raise TokenPruneError(f"block {i}: attn1 and attn2 have different head counts")
+    expert = copy.deepcopy(unet)
+    blocks = transformer_blocks(expert)
+    for i, keep in heads.items():
+        for attn in (blocks[i].attn1, blocks[i].attn2):
+            if attn is not None:
+                _keep_heads(attn, torch.as_tensor(keep))
+    for i, keep in channels.items():
+        _keep_channels(blocks[i].ff, torch.as_tensor(keep))
+    return expert

@@ -200,3 +200,40 @@ def test_stable_diffusion_pipeline_call(tmp_path):
     assert pruned.shape == dense.shape == (4, 3, 16, 16) and not torch.equal(pruned, dense)
     assert torch.allclose(pruned[2:], second, atol=1e-4)
     assert torch.equal(sample(prompts, seeds), dense)
+
+
+# ---- structural pruning: sliced experts ----------------------------------------------------
+def test_sliced_expert_equals_the_gated_unet(unet):
+    from tokenprune.adapters.unet import slice_unet, transformer_blocks
+    from tokenprune.evals.metrics import flop_counter
+
+    blocks = transformer_blocks(unet)
+    g = torch.Generator().manual_seed(1)
+    heads, channels = {}, {}
+    for i, b in enumerate(blocks):
+        heads[i] = torch.rand(b.attn1.heads, generator=g) < 0.6
+        heads[i][0] = True
+        if i != 1:
+            channels[i] = torch.rand(b.ff.net[2].in_features, generator=g) < 0.5
+    x, t, ctx = inputs(2)
+    before = params_of(unet)
+    expert = slice_unet(unet, heads, channels)
+    gated = __import__("copy").deepcopy(unet)  # the same widths as zero gates on the full model
+    for i, b in enumerate(transformer_blocks(gated)):
+        with torch.no_grad():
+            for attn in (b.attn1, b.attn2):
+                d = attn.inner_dim // attn.heads
+                attn.to_out[0].weight[:, ~heads[i].repeat_interleave(d)] = 0
+            if i in channels:
+                b.ff.net[2].weight[:, ~channels[i]] = 0
+    with flop_counter() as small:
+        out = run(expert, x, t, ctx)
+    with flop_counter() as full:
+        ref = run(gated, x, t, ctx)
+    assert torch.allclose(out, ref, atol=1e-5) and not torch.allclose(ref, run(unet, x, t, ctx), atol=1e-3)
+    assert small.get_total_flops() < full.get_total_flops()
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    with pytest.raises(tp.TokenPruneError, match="block 9 is beyond"):
+        slice_unet(unet, channels={9: torch.ones(128, dtype=torch.bool)})
+    with pytest.raises(tp.TokenPruneError, match="keeping at least one"):
+        slice_unet(unet, heads={0: torch.zeros(blocks[0].attn1.heads, dtype=torch.bool)})
