@@ -126,7 +126,9 @@ class UNetAdapter(HookedAdapter):
     def hooked_module(cls, model) -> nn.Module:
         return find_unet(model)
 
-    def __init__(self, model, pruners):
+    def __init__(self, model, pruners, **options):
+        if options:
+            raise TokenPruneError(f"the U-Net adapter takes no options, got {sorted(options)}")
         self.model = model
         self.unet = find_unet(model)
         self.blocks = transformer_blocks(self.unet)  # numbered in the order they run

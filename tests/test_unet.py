@@ -137,6 +137,8 @@ def test_bad_configs_raise_before_the_model_is_touched(unet):
     before, hooks, dense = params_of(unet), hook_count(unet), run(unet, x, t, ctx)
     with pytest.raises(tp.TokenPruneError, match="layer 4 is beyond the model, which has 4 layers"):
         tp.prune(unet, tp.ToMeSD(blocks=[0, 4]))
+    with pytest.raises(tp.TokenPruneError, match="takes no options"):
+        tp.prune(unet, tp.ToMeSD(), renumber_positions=True)
     with pytest.raises(tp.TokenPruneError, match="target='language'"):
         tp.prune(unet, tp.FastV(layer=2, target="language"))
     assert hook_count(unet) == hooks and torch.equal(run(unet, x, t, ctx), dense)
