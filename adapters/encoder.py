@@ -131,15 +131,17 @@ def _weights(module: nn.Module) -> int:
     return sum(p.numel() for name, p in module.named_parameters() if p.dim() == 2 and name.endswith("weight"))
 
 
-def block_flops(block: nn.Module, n: int, width: int, mlp: nn.Module | None = None, mlp_tokens: int | None = None) -> int:
+def block_flops(block: nn.Module, n: int, width: int, mlp: nn.Module | None = None, mlp_tokens: int | None = None,
+                weights: tuple[int, int] | None = None) -> int:
     """Matmul FLOPs of one block over n tokens: every weight matrix plus the two n x n products.
 
     With ``mlp`` (the block's MLP module) and ``mlp_tokens``, the MLP half runs on that many
-    tokens instead (a merge between attention and MLP).
+    tokens instead (a merge between attention and MLP). ``weights``: the (block, MLP) weight
+    counts, if already known.
     """
-    mlp_weights = _weights(mlp) if mlp is not None else 0
+    total, mlp_weights = weights or (_weights(block), _weights(mlp) if mlp is not None else 0)
     m = n if mlp_tokens is None else mlp_tokens
-    return 2 * n * (_weights(block) - mlp_weights) + 4 * n * n * width + 2 * m * mlp_weights
+    return 2 * n * (total - mlp_weights) + 4 * n * n * width + 2 * m * mlp_weights
 
 
 class EncoderAdapter(HookedAdapter):
@@ -161,6 +163,7 @@ class EncoderAdapter(HookedAdapter):
             raise UnsupportedModelError(f"attention implementation {impl!r} is not supported; use sdpa or eager")
         super().__init__(pruners, len(self.tower.blocks))
         self.proportional = proportional_attention
+        self.weights = [(_weights(b), _weights(self.tower.mlp(b))) for b in self.tower.blocks]  # for FLOPs
         self.inside: dict[int, list] = {}  # block -> pruners that reduce between its attention and MLP
         for layer, at in list(self.at.items()):
             self.inside[layer] = [p for p in at if getattr(p, "inside_block", False)]
@@ -209,7 +212,7 @@ class EncoderAdapter(HookedAdapter):
             call["attn_slots"] = n  # the MLP half is counted after the block (an inside merge may shrink it)
             stats = call["stats"]
             stats.tokens_per_layer.append(st.valid.sum(1).tolist())
-            stats.dense_flops += st.batch_size * block_flops(block, stream.N, st.hidden.shape[-1])
+            stats.dense_flops += st.batch_size * block_flops(block, stream.N, st.hidden.shape[-1], weights=self.weights[i])
             if not stream.changed:
                 return None
             bias = self._key_bias(st)
@@ -285,9 +288,8 @@ class EncoderAdapter(HookedAdapter):
             if call["mid"] is not None:  # merged inside this block: ToMe's h' + MLP(norm(h'))
                 output = st.hidden + call.pop("branch")
                 call["mid"] = None
-            tower = self.tower
             call["stats"].flops += st.batch_size * block_flops(block, call["attn_slots"], st.hidden.shape[-1],
-                                                               tower.mlp(block), st.num_slots)
+                                                               mlp_tokens=st.num_slots, weights=self.weights[i])
             out = call["stream"].unskip(i, output)
             out = output if out is None else out
             if last or call["record"]:
