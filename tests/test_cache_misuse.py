@@ -105,3 +105,21 @@ def test_pruned_cache_continued_with_other_rows_raises(model):
         with pytest.raises(tp.TokenPruneError, match="has 1 rows but its pruned KV cache holds 2"):
             step(model, out.past_key_values, nxt[:1], torch.ones(1, ids.shape[1] + 1, dtype=torch.long))
         assert step(model, out.past_key_values, nxt, torch.ones(2, ids.shape[1] + 1, dtype=torch.long)).shape[0] == 2
+
+
+def test_lvlm_pruned_cache_follows_the_rule():
+    """The LVLM adapter prunes through the decoder adapter, so its caches follow the same rule."""
+    from .conftest import llava_inputs, tiny_llava
+
+    model, x = tiny_llava(), llava_inputs()
+    pruner = tp.FastV(layer=2, keep_ratio=0.4, segment="visual", protect_first=0, protect_last=0)
+    mask = torch.cat([x["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        with tp.pruning(model, pruner):
+            out = model(**x, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        with tp.pruning(model, tp.RandomDrop(layer=1, segment="visual")):
+            with pytest.raises(tp.TokenPruneError, match=f"filled under another pruner .*{RULE}"):
+                model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values)
+        with pytest.raises(tp.TokenPruneError, match=f"pruner that has been removed; .*{RULE}"):
+            model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values)
