@@ -15,6 +15,7 @@ different settings never see each other's pruner. Bad settings show the library'
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 
 import gradio as gr
@@ -24,6 +25,11 @@ import tokenprune as tp
 from tokenprune.evals import compare
 
 log = logging.getLogger("tokenprune.app")
+_REQUESTS = itertools.count(1)  # numbers each finished request, so a page can tell a new result from the last
+
+
+def done(text: str) -> str:
+    return f"{text} *(request {next(_REQUESTS)})*"
 
 
 LLM_PROMPT = (
@@ -147,27 +153,33 @@ def highlighted_prompt(r: dict) -> list[tuple[str, str | None]]:
     return [(tok, f"dropped at layer {gone[i]}" if i in gone else None) for i, tok in enumerate(r["tokens"])]
 
 
-def patch_overlays(image, grid: int, kept_patches: dict[int, list[int]], size: int = 256) -> list:
-    """The image once per pruning layer: patches that no longer take part tinted red, kept ones outlined green."""
+def patch_overlays(image, grid: int, kept_patches: dict[int, list[int]], recycled: dict | None = None,
+                   size: int = 256) -> list:
+    """The image once per pruning layer: pruned patches shaded, kept ones outlined green,
+    kept ones that took in pruned tokens (VFlowOpt's recycling, merges) outlined yellow."""
     from PIL import Image, ImageDraw
 
     base = image.convert("RGB").resize((size, size), Image.NEAREST)
+    dark = sum(base.convert("L").getdata()) / (size * size) < 100
+    shade = (255, 255, 255, 150) if dark else (0, 0, 0, 150)  # visible on black Fashion-MNIST and pastel easy-vqa
     cell = size / grid
     out = []
     for layer in sorted(kept_patches):
-        kept = set(kept_patches[layer])
-        im = base.copy()
-        shade = Image.new("RGBA", im.size, (0, 0, 0, 0))
-        d = ImageDraw.Draw(shade)
+        kept, into = set(kept_patches[layer]), set((recycled or {}).get(layer, ()))
+        over = Image.new("RGBA", base.size, (0, 0, 0, 0))
+        d = ImageDraw.Draw(over)
         for p in range(grid * grid):
             r_, c = divmod(p, grid)
             box = (c * cell, r_ * cell, (c + 1) * cell - 1, (r_ + 1) * cell - 1)
-            if p in kept:
+            if p in into:
+                d.rectangle(box, outline=(255, 200, 0, 255), width=3)
+            elif p in kept:
                 d.rectangle(box, outline=(0, 200, 0, 255), width=1)
             else:
-                d.rectangle(box, fill=(220, 30, 30, 150))
-        im = Image.alpha_composite(im.convert("RGBA"), shade).convert("RGB")
-        out.append((im, f"layer {layer}: {len(kept)} of {grid * grid} patches kept"))
+                d.rectangle(box, fill=shade)
+        im = Image.alpha_composite(base.convert("RGBA"), over).convert("RGB")
+        text = f"layer {layer}: {len(kept)} of {grid * grid} patches kept"
+        out.append((im, text + (f", {len(into)} took in pruned ones" if into else "")))
     return out
 
 
@@ -181,9 +193,9 @@ def run_llm(prompt, method, layer_text, keep_ratio, max_new_tokens):
     except Exception as e:  # noqa: BLE001 - every failure is shown in the page
         return (error_text(e), *empty)
     s = r["stats"]
-    status = (f"**{r['pruner']['name']}** keeps {s['tokens_per_layer'][-1][0]} of {r['prompt_tokens']} prompt "
-              f"tokens after layer {min(r['kept'] or [0])}: FLOPs {s['flops_ratio']:.1%} of dense, "
-              f"prefill speed-up {r['time']['speedup']:.2f}x.")
+    status = done(f"**{r['pruner']['name']}** keeps {s['tokens_per_layer'][-1][0]} of {r['prompt_tokens']} prompt "
+                  f"tokens after layer {min(r['kept'] or [0])}: FLOPs {s['flops_ratio']:.1%} of dense, "
+                  f"prefill speed-up {r['time']['speedup']:.2f}x.")
     return (status, r["dense_answer"], r["pruned_answer"], stats_table(r),
             tokens_plot(r, f"SmolLM2-135M, {r['prompt_tokens']}-token prompt"), highlighted_prompt(r))
 
@@ -244,8 +256,8 @@ def run_vit(model_name, image, labels_text, method, layer_text, keep_ratio):
     grid = int(round((r["stats"]["dense_tokens"][0] - 1) ** 0.5))  # one CLS token before the patches
     kept = {layer: [i - 1 for i in idx if i >= 1] for layer, idx in r["kept"].items()}
     overlays = patch_overlays(image, grid, kept)
-    status = (f"**{r['pruner']['name']}**: dense says *{r['dense_top'][0][0]}*, pruned says "
-              f"*{r['pruned_top'][0][0]}*; FLOPs {r['stats']['flops_ratio']:.1%} of dense.")
+    status = done(f"**{r['pruner']['name']}**: dense says *{r['dense_top'][0][0]}*, pruned says "
+                  f"*{r['pruned_top'][0][0]}*; FLOPs {r['stats']['flops_ratio']:.1%} of dense.")
     return (status + "\n\n" + stats_table(r), dict(r["dense_top"]), dict(r["pruned_top"]), overlays)
 
 
@@ -272,8 +284,9 @@ def vit_tab(methods):
     with gr.Row():
         dense = gr.Label(num_top_classes=5, label="Dense", elem_id="vit-dense")
         pruned = gr.Label(num_top_classes=5, label="Pruned", elem_id="vit-pruned")
-    gallery = gr.Gallery(label="Patches that take part after each pruning layer (red: pruned or merged away)",
-                         columns=4, height=300, elem_id="vit-overlays")
+    gallery = gr.Gallery(label="Patches that take part after each pruning layer (shaded: pruned or merged away)",
+                         columns=4, height="auto", object_fit="contain", preview=False,
+                         elem_id="vit-overlays")
     choice.change(pick_vit_image, choice, image)
     go.click(run_vit, [model, image, labels, method, layer, keep], [status, dense, pruned, gallery],
              concurrency_limit=4)
@@ -303,10 +316,16 @@ def run_lvlm(image, question, method, layer_text, keep_ratio):
         return (error_text(e), *empty)
     visual = r["visual_positions"]
     grid = int(round(len(visual) ** 0.5))
-    where = {pos: k for k, pos in enumerate(visual)}
+    if r["kept_space"] == "vision":  # tower positions: CLS, then the patches
+        where = {k + 1: k for k in range(len(visual))}
+    else:
+        where = {pos: k for k, pos in enumerate(visual)}
     kept = {layer: [where[i] for i in idx if i in where] for layer, idx in r["kept"].items()}
-    status = f"**{r['pruner']['name']}** on the {len(visual)} visual tokens.\n\n" + stats_table(r)
-    return (status, r["dense_answer"], r["pruned_answer"], patch_overlays(image, grid, kept))
+    recycled = {layer: [where[d] for _, d in pairs if d in where] for layer, pairs in r["merged"].items()}
+    where_text = "vision tower" if r["kept_space"] == "vision" else "language model"
+    status = done(f"**{r['pruner']['name']}** on the {len(visual)} visual tokens ({where_text}): dense answers "
+                  f"*{r['dense_answer']}*, pruned *{r['pruned_answer']}*.") + "\n\n" + stats_table(r)
+    return (status, r["dense_answer"], r["pruned_answer"], patch_overlays(image, grid, kept, recycled))
 
 
 def lvlm_tab(methods):
@@ -322,15 +341,16 @@ def lvlm_tab(methods):
                                    label="Question", elem_id="lvlm-question")
         with gr.Column(scale=2):
             method = gr.Dropdown(methods, value="fastv", label="Method", elem_id="lvlm-method")
-            layer = gr.Textbox("2", label="Layer(s) of the decoder", elem_id="lvlm-layer")
+            layer = gr.Textbox("", label="Layer(s) (empty: the method's default)", elem_id="lvlm-layer")
             keep = gr.Number(0.25, label="Keep ratio (share of visual tokens kept)", elem_id="lvlm-keep")
             go = gr.Button("Answer dense and pruned", variant="primary", elem_id="lvlm-run")
     status = gr.Markdown(elem_id="lvlm-status")
     with gr.Row():
         dense = gr.Textbox(label="Dense answer", elem_id="lvlm-dense")
         pruned = gr.Textbox(label="Pruned answer", elem_id="lvlm-pruned")
-    gallery = gr.Gallery(label="Visual tokens kept after each pruning layer (red: pruned)", columns=4,
-                         height=300, elem_id="lvlm-overlays")
+    gallery = gr.Gallery(label="Visual tokens taking part after each pruning layer (shaded: pruned; yellow: "
+                         "kept tokens that took in pruned ones)", columns=4,
+                         height="auto", object_fit="contain", preview=False, elem_id="lvlm-overlays")
     choice.change(pick_lvlm_image, choice, image)
     go.click(run_lvlm, [image, question, method, layer, keep], [status, dense, pruned, gallery],
              concurrency_limit=4)
@@ -354,13 +374,15 @@ def make_app() -> gr.Blocks:
 
 
 THEME_FONTS = dict(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # no web fonts: offline
+# the bundled images are 28 to 64 pixels: show them large, pixels sharp
+CSS = "#vit-image img, #lvlm-image img {width: 168px !important; height: 168px !important; image-rendering: pixelated;}"
 
 
 def launch(app: gr.Blocks, host: str, port: int | None, **kwargs):
     """Start serving; returns the local URL (port None: Gradio's own choice, GRADIO_SERVER_PORT or 7860)."""
     app.queue(default_concurrency_limit=4)
     _, url, _ = app.launch(server_name=host, server_port=port, theme=gr.themes.Default(**THEME_FONTS),
-                           ssr_mode=False, footer_links=[], **kwargs)
+                           css=CSS, ssr_mode=False, footer_links=[], **kwargs)
     return url
 
 

@@ -114,7 +114,7 @@ def compare_llm(model, tokenizer, pruner: Pruner, prompt: str, max_new_tokens: i
     ids = chat_ids(tokenizer, prompt, chat)
     gen = dict(max_new_tokens=int(max_new_tokens), do_sample=False,
                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    probe = KeptTokens(tuple(pruner.layers()))
+    probe = KeptTokens(target=pruner.target, at=tuple(pruner.layers()))  # goes where the pruner goes
     with model_lock(model):
         t0 = time.perf_counter()
         dense = model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
@@ -153,7 +153,7 @@ def _softmax_top(logits: torch.Tensor, labels: list[str], k: int) -> list[tuple[
 def compare_classifier(model, forward, pixels: torch.Tensor, labels: list[str], pruner: Pruner, k: int = 5,
                        repeats: int = 5) -> dict:
     """Top-``k`` classes dense and pruned for one image; ``forward(pixels) -> logits (1, C)``."""
-    probe = KeptTokens(tuple(pruner.layers()))
+    probe = KeptTokens(target=pruner.target, at=tuple(pruner.layers()))  # goes where the pruner goes
     with model_lock(model):
         dense = forward(pixels)[0]
         with pruning(model, [pruner, probe]) as handle:
@@ -200,7 +200,8 @@ def compare_lvlm(model, processor, pruner: Pruner, image, question: str, max_new
         gen["max_new_tokens"] = int(max_new_tokens)
     image_token = model.config.image_token_id
     visual = (inputs["input_ids"][0] == image_token).nonzero().flatten().tolist()
-    probe = KeptTokens(tuple(pruner.layers()))
+    space = pruner.resolved_target()  # "vision": positions in the tower (CLS first), else in the prompt
+    probe = KeptTokens(target=space, at=tuple(pruner.layers()))
     with model_lock(model):
         t0 = time.perf_counter()
         dense = model.generate(**inputs, **gen)
@@ -220,7 +221,9 @@ def compare_lvlm(model, processor, pruner: Pruner, image, question: str, max_new
         "visual_positions": visual,
         "dense_answer": decode(dense),
         "pruned_answer": decode(pruned),
+        "kept_space": space,
         "kept": {int(k): v for k, v in probe.kept.items()},
+        "merged": {int(k): [tuple(x) for x in rows[0]] for k, rows in getattr(stats, "merged", {}).items()},
         "stats": _stats_dict(stats),
         "time": {"what": "prefill, median of paired calls", "dense_s": dense_s, "pruned_s": pruned_s,
                  "speedup": dense_s / pruned_s if pruned_s else None,
@@ -307,9 +310,7 @@ def method_defaults(loaded: Loaded, method: str) -> dict:
 
     if loaded.kind == "llm":
         return defaults_for(method, layer=decoder_layer_default(loaded.model), segment="text")
-    if loaded.kind == "lvlm":
-        return defaults_for(method, layer=2, segment="visual")
-    return defaults_for(method, segment="visual")
+    return defaults_for(method, segment="visual")  # ViT patches, LVLM visual tokens; each method's own layers
 
 
 def sample_image(kind: str, index: int = 0):
