@@ -1,6 +1,6 @@
 """Soak: thousands of requests through one decoder and one encoder, pruners attached and removed.
 
-    python -m tokenprune.evals.soak [--requests 3000] [--seed 0] [--samples 30]
+    python -m tokenprune.evals.soak [--requests 3000] [--seed 0] [--samples 30] [--out results/soak]
 
 Each session attaches a pruner (every registered method that runs on the family, at several
 layers / keep ratios, decoders with and without renumbered positions), serves a few requests
@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rss-bound-mb", type=float, default=16.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="folder for soak.json and rss.png")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = Soak(args.seed).run(args.requests, args.samples)
@@ -245,7 +246,36 @@ def main(argv=None) -> int:
     print(f"\nrequests whose objects needed a cycle collection to die: {result['needed_gc']}")
     ok, text = verdict(result, args.rss_bound_mb)
     print(text)
+    if args.out:
+        save(result, ok, text, args)
     return 0 if ok else 1
+
+
+def save(result: dict, ok: bool, text: str, args):
+    import json
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(args.out, exist_ok=True)
+    command = "python -m tokenprune.evals.soak " + " ".join(sys.argv[1:])
+    with open(os.path.join(args.out, "soak.json"), "w") as f:
+        json.dump({"command": command, "pass": ok, "verdict": text, **result}, f, indent=1)
+    n, mb = zip(*result["rows"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(n, mb, marker=".")
+    ax.axvline(0.2 * result["requests"], color="gray", ls=":", label="end of warm-up")
+    base = next(m for k, m in result["rows"] if k >= 0.2 * result["requests"])
+    ax.axhspan(base, base + args.rss_bound_mb, color="green", alpha=0.08, label="allowed growth")
+    ax.set_xlabel("requests served")
+    ax.set_ylabel("resident memory (MB)")
+    ax.set_title(f"soak: {result['requests']} requests, {'PASS' if ok else 'FAIL'}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "rss.png"), dpi=120)
 
 
 if __name__ == "__main__":
