@@ -37,6 +37,16 @@ from .base import HookedAdapter, attention_probs
 from .stream import Stream, gather_rows
 
 
+# kind -> block parts: attention, its norm, the post-attention norm (its input is the residual
+# stream between attention and MLP), the MLP, and the MLP branch's last module (its output is
+# what the block adds to the residual stream)
+PARTS = {
+    "hf": ("attention", "layernorm_before", "layernorm_after", "mlp", "mlp"),  # ViT / DeiT layers
+    "clip": ("self_attn", "layer_norm1", "layer_norm2", "mlp", "mlp"),  # HF CLIPEncoderLayer
+    "open_clip": ("attn", "ln_1", "ln_2", "mlp", "ls_2"),  # ResidualAttentionBlock
+}
+
+
 @dataclass
 class Tower:
     """Where the blocks are and how to read q/k out of one of them."""
@@ -44,24 +54,22 @@ class Tower:
     root: nn.Module  # module whose forward is one image batch (opens/closes a call)
     blocks: nn.ModuleList
     prefix: int  # leading non-patch tokens
-    kind: str  # "hf" (ViT / DeiT layers) | "clip" (HF CLIPEncoderLayer) | "open_clip"
+    kind: str  # a key of PARTS
 
     def attn(self, block: nn.Module) -> nn.Module:
-        return {"hf": lambda: block.attention, "clip": lambda: block.self_attn, "open_clip": lambda: block.attn}[self.kind]()
+        return getattr(block, PARTS[self.kind][0])
 
     def norm1(self, block: nn.Module) -> nn.Module:
-        return {"hf": lambda: block.layernorm_before, "clip": lambda: block.layer_norm1, "open_clip": lambda: block.ln_1}[self.kind]()
+        return getattr(block, PARTS[self.kind][1])
 
     def norm2(self, block: nn.Module) -> nn.Module:
-        """The post-attention norm: its input is the residual stream between attention and MLP."""
-        return {"hf": lambda: block.layernorm_after, "clip": lambda: block.layer_norm2, "open_clip": lambda: block.ln_2}[self.kind]()
+        return getattr(block, PARTS[self.kind][2])
 
     def mlp(self, block: nn.Module) -> nn.Module:
-        return block.mlp
+        return getattr(block, PARTS[self.kind][3])
 
     def branch_end(self, block: nn.Module) -> nn.Module:
-        """Last module of the MLP branch: its output is what the block adds to the residual stream."""
-        return block.ls_2 if self.kind == "open_clip" else block.mlp
+        return getattr(block, PARTS[self.kind][4])
 
     def heads_and_scale(self, block: nn.Module) -> tuple[int, float]:
         attn = self.attn(block)
@@ -186,7 +194,8 @@ class EncoderAdapter(HookedAdapter):
 
     def _open_call(self, module, args, kwargs):
         # as HF's capture_outputs decides: the call's flag, else the config's
-        record = kwargs.get("output_hidden_states", getattr(getattr(module, "config", None), "output_hidden_states", None))
+        config = getattr(module, "config", None)
+        record = kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", None))
         self.call = {"stream": None, "stash": None, "record": bool(record), "dense_out": False, "mid": None}
 
     def _close_call(self, module, args, output):
@@ -212,7 +221,8 @@ class EncoderAdapter(HookedAdapter):
             call["attn_slots"] = n  # the MLP half is counted after the block (an inside merge may shrink it)
             stats = call["stats"]
             stats.tokens_per_layer.append(st.valid.sum(1).tolist())
-            stats.dense_flops += st.batch_size * block_flops(block, stream.N, st.hidden.shape[-1], weights=self.weights[i])
+            width = st.hidden.shape[-1]
+            stats.dense_flops += st.batch_size * block_flops(block, stream.N, width, weights=self.weights[i])
             if not stream.changed:
                 return None
             bias = self._key_bias(st)

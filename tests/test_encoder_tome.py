@@ -92,7 +92,7 @@ def test_constant_and_listed_r_schedules():
 
 @pytest.mark.parametrize("config,message", [
     (dict(r=-1), "r must be a non-negative integer"),
-    (dict(layer=[1, 2], r=[3]), "r lists 1 values for 2 layers"),
+    (dict(layer=[1, 2], r=[3]), "r lists 1 values for the 2 layers"),
     (dict(layer=0, inside_block=False), "layer must be an integer >= 1"),
     (dict(inside_block="yes"), "inside_block must be true or false"),
 ])

@@ -76,7 +76,8 @@ class ToMe(SegmentDropPruner):
             raise TokenPruneError(f"{self.name}: r must be a non-negative integer or a list of them, got {self.r!r}")
         if isinstance(self.r, (list, tuple)):
             if len(r) != len(self.layers()):
-                raise TokenPruneError(f"{self.name}: r lists {len(r)} values for {len(self.layers())} layers {self.layers()}")
+                raise TokenPruneError(f"{self.name}: r lists {len(r)} values for the {len(self.layers())} "
+                                      f"layers {self.layers()}")
             self.r = tuple(r)
 
     def first_layer(self) -> int:

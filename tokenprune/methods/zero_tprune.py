@@ -133,8 +133,9 @@ class ZeroTPrune(SegmentDropPruner):
         self.head_variance = bounds
         if self.head_combine not in ("rms", "mean"):
             raise TokenPruneError(f"{self.name}: head_combine must be 'rms' or 'mean', got {self.head_combine!r}")
-        if isinstance(self.prefix_weight, bool) or not isinstance(self.prefix_weight, (int, float)) or self.prefix_weight < 0:
-            raise TokenPruneError(f"{self.name}: prefix_weight must be a number >= 0 (0: sqrt(N)), got {self.prefix_weight!r}")
+        w = self.prefix_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise TokenPruneError(f"{self.name}: prefix_weight must be a number >= 0 (0: sqrt(N)), got {w!r}")
 
     def steps(self, layer: int, num_layers: int) -> int:
         """PageRank steps before ``layer``, which reads block ``layer - 1``'s attention."""
@@ -143,7 +144,8 @@ class ZeroTPrune(SegmentDropPruner):
         third = min(2, 3 * (layer - 1) // num_layers)
         return self.iterations[third]
 
-    def importance(self, state, attn: torch.Tensor, alive: torch.Tensor, scored: torch.Tensor, steps: int) -> torch.Tensor:
+    def importance(self, state, attn: torch.Tensor, alive: torch.Tensor, scored: torch.Tensor,
+                   steps: int) -> torch.Tensor:
         """(B, n) importance of the ``alive`` tokens on their own attention graph; heads judged on ``scored``."""
         n_alive = alive.sum(1, keepdim=True).float()
         weight = torch.full_like(n_alive, self.prefix_weight) if self.prefix_weight else n_alive.sqrt()
@@ -164,7 +166,7 @@ class ZeroTPrune(SegmentDropPruner):
 
         # S: B (less important half) tokens most similar to an A token are removed
         order = rank.masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        pos = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        pos = torch.argsort(order, dim=1)
         half_a = candidates & (pos < (candidates.sum(1, keepdim=True) + 1) // 2)
         half_b = candidates & ~half_a
         a_slots, a_ok = rectangular(half_a, state.valid)
