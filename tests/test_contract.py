@@ -57,6 +57,7 @@ CASES = {
 # family's tests (tests/test_lvlm.py, tests/test_unet.py). name -> (config, error message pattern)
 ELSEWHERE = {
     "tome-sd": (dict(ratio=0.5, blocks=[1]), "2-D token grid"),
+    "atp": (dict(layer=1, checkpoint=None), "no 'visual' tokens"),  # scores visual tokens by text -> image attention
 }
 ENGINE_CASES = {
     "test-skip": (SkipRandom, dict(layer=2, keep_ratio=0.3), dict(layer=2, keep_ratio=1.0)),

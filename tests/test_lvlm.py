@@ -23,6 +23,8 @@ LVLM_CASES = {
     # entropy term from the patch pixels and recycling on a 2 x 2 cell grid, two stages
     "vflowopt": (dict(layer=[1, 3], keep_ratio=0.5, alpha=0.5, recycle_grid=2, **VISUAL),
                  dict(layer=[1, 3], keep_ratio=1.0, **VISUAL)),
+    # untrained threshold rule (the shipped head is for the 6-layer tiny-llava; see tests/test_atp.py)
+    "atp": (dict(layer=[1, 3], keep_ratio=0.3, checkpoint=None), dict(layer=[1, 3], keep_ratio=1.0, checkpoint=None)),
 }
 ALL = sorted(LVLM_CASES) + sorted(ENGINE_CASES)
 # methods made for another family: on an LVLM they must get the library's error, not run wrongly

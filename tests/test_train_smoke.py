@@ -57,6 +57,21 @@ def check_t2i(out):
     return torch.cat([images.flatten(), shape_logits.flatten(), color_logits.flatten()])
 
 
+def check_atp(out):
+    import tokenprune as tp
+    from tokenprune.zoo.llava import load_tiny_llava
+    from tokenprune.zoo.vqa_data import build_prompt
+
+    model, processor = load_tiny_llava()
+    x = processor(images=np.zeros((64, 64, 3), np.uint8), text=build_prompt("what color is the shape?"),
+                  return_tensors="pt")
+    assert (out / "README.md").is_file() and (out / "metrics.json").is_file()
+    with tp.pruning(model, tp.build_pruner("atp", checkpoint=str(out), layer=[2, 4], keep_ratio=0.25)) as h:
+        logits = model(**x).logits
+    assert h.stats.tokens_per_layer[4][0] < h.stats.tokens_per_layer[0][0]
+    return logits
+
+
 SCRIPTS = [  # script, smallest flags (~2 optimisation steps each), loader check
     pytest.param("train_tiny_vit.py", ["--epochs", "1", "--teacher-epochs", "1", "--train-limit", "128",
                                        "--eval-limit", "16"], check_vit, marks=no_fmnist, id="vit"),
@@ -70,6 +85,8 @@ SCRIPTS = [  # script, smallest flags (~2 optimisation steps each), loader check
     pytest.param("train_tiny_t2i.py", ["--steps", "2", "--batch", "8", "--judge-epochs", "1", "--eval-n", "24",
                                        "--eval-steps", "1", "--eval-guidance", "1.0"], check_t2i,
                  marks=no_easy_vqa, id="t2i"),
+    pytest.param("train_atp.py", ["--steps", "2", "--batch", "4", "--train-items", "16", "--eval-items", "8",
+                                  "--eval-layers", "[[2, 4]]", "--threads", "1"], check_atp, marks=no_easy_vqa, id="atp"),
 ]
 
 

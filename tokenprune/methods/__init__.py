@@ -1,4 +1,5 @@
 """One module per method. Importing this package registers them all."""
+from .atp import ATP
 from .fastv import FastV
 from .random import RandomDrop
 from .tome import ToMe
@@ -6,4 +7,4 @@ from .tome_sd import ToMeSD
 from .vflowopt import VFlowOpt
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["FastV", "RandomDrop", "ToMe", "ToMeSD", "VFlowOpt", "ZeroTPrune"]
+__all__ = ["ATP", "FastV", "RandomDrop", "ToMe", "ToMeSD", "VFlowOpt", "ZeroTPrune"]
