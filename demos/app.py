@@ -19,6 +19,7 @@ import itertools
 import logging
 
 import gradio as gr
+import numpy as np
 import torch
 
 import tokenprune as tp
@@ -160,7 +161,7 @@ def patch_overlays(image, grid: int, kept_patches: dict[int, list[int]], recycle
     from PIL import Image, ImageDraw
 
     base = image.convert("RGB").resize((size, size), Image.NEAREST)
-    dark = sum(base.convert("L").getdata()) / (size * size) < 100
+    dark = float(np.asarray(base.convert("L")).mean()) < 100
     shade = (255, 255, 255, 150) if dark else (0, 0, 0, 150)  # visible on black Fashion-MNIST and pastel easy-vqa
     cell = size / grid
     out = []
@@ -181,6 +182,22 @@ def patch_overlays(image, grid: int, kept_patches: dict[int, list[int]], recycle
         text = f"layer {layer}: {len(kept)} of {grid * grid} patches kept"
         out.append((im, text + (f", {len(into)} took in pruned ones" if into else "")))
     return out
+
+
+def side_by_side(overlays: list) -> "Image":
+    """One picture of the per-layer overlays, each captioned (a gallery would crop or zoom them)."""
+    from PIL import Image, ImageDraw
+
+    if not overlays:
+        return None
+    w, h = overlays[0][0].size
+    pad = 26
+    sheet = Image.new("RGB", (len(overlays) * (w + 8) - 8, h + pad), "white")
+    d = ImageDraw.Draw(sheet)
+    for k, (im, caption) in enumerate(overlays):
+        sheet.paste(im, (k * (w + 8), pad))
+        d.text((k * (w + 8) + 2, 6), caption.split(",")[0], fill=(0, 0, 0))
+    return sheet
 
 
 # ---- LLM tab -----------------------------------------------------------------------------
@@ -242,7 +259,7 @@ def pick_vit_image(choice):
 
 
 def run_vit(model_name, image, labels_text, method, layer_text, keep_ratio):
-    empty = ("", None, None, [])
+    empty = ("", None, None, None)
     try:
         if image is None:
             raise tp.TokenPruneError("pick a test image or upload one")
@@ -258,7 +275,8 @@ def run_vit(model_name, image, labels_text, method, layer_text, keep_ratio):
     overlays = patch_overlays(image, grid, kept)
     status = done(f"**{r['pruner']['name']}**: dense says *{r['dense_top'][0][0]}*, pruned says "
                   f"*{r['pruned_top'][0][0]}*; FLOPs {r['stats']['flops_ratio']:.1%} of dense.")
-    return (status + "\n\n" + stats_table(r), dict(r["dense_top"]), dict(r["pruned_top"]), overlays)
+    status += "\n\nPatches taking part: " + "; ".join(c for _, c in overlays) + "."
+    return (status + "\n\n" + stats_table(r), dict(r["dense_top"]), dict(r["pruned_top"]), side_by_side(overlays))
 
 
 def vit_tab(methods):
@@ -284,9 +302,8 @@ def vit_tab(methods):
     with gr.Row():
         dense = gr.Label(num_top_classes=5, label="Dense", elem_id="vit-dense")
         pruned = gr.Label(num_top_classes=5, label="Pruned", elem_id="vit-pruned")
-    gallery = gr.Gallery(label="Patches that take part after each pruning layer (shaded: pruned or merged away)",
-                         columns=4, height="auto", object_fit="contain", preview=False,
-                         elem_id="vit-overlays")
+    gallery = gr.Image(label="Patches that take part after each pruning layer (shaded: pruned or merged away)",
+                       type="pil", interactive=False, elem_id="vit-overlays")
     choice.change(pick_vit_image, choice, image)
     go.click(run_vit, [model, image, labels, method, layer, keep], [status, dense, pruned, gallery],
              concurrency_limit=4)
@@ -305,7 +322,7 @@ def pick_lvlm_image(choice):
 
 
 def run_lvlm(image, question, method, layer_text, keep_ratio):
-    empty = ("", "", [])
+    empty = ("", "", None)
     try:
         if image is None:
             raise tp.TokenPruneError("pick a test image")
@@ -325,7 +342,9 @@ def run_lvlm(image, question, method, layer_text, keep_ratio):
     where_text = "vision tower" if r["kept_space"] == "vision" else "language model"
     status = done(f"**{r['pruner']['name']}** on the {len(visual)} visual tokens ({where_text}): dense answers "
                   f"*{r['dense_answer']}*, pruned *{r['pruned_answer']}*.") + "\n\n" + stats_table(r)
-    return (status, r["dense_answer"], r["pruned_answer"], patch_overlays(image, grid, kept, recycled))
+    overlays = patch_overlays(image, grid, kept, recycled)
+    status += "\n\nVisual tokens taking part: " + "; ".join(c for _, c in overlays) + "."
+    return (status, r["dense_answer"], r["pruned_answer"], side_by_side(overlays))
 
 
 def lvlm_tab(methods):
@@ -348,9 +367,8 @@ def lvlm_tab(methods):
     with gr.Row():
         dense = gr.Textbox(label="Dense answer", elem_id="lvlm-dense")
         pruned = gr.Textbox(label="Pruned answer", elem_id="lvlm-pruned")
-    gallery = gr.Gallery(label="Visual tokens taking part after each pruning layer (shaded: pruned; yellow: "
-                         "kept tokens that took in pruned ones)", columns=4,
-                         height="auto", object_fit="contain", preview=False, elem_id="lvlm-overlays")
+    gallery = gr.Image(label="Visual tokens taking part after each pruning layer (shaded: pruned; yellow: kept "
+                       "tokens that took in pruned ones)", type="pil", interactive=False, elem_id="lvlm-overlays")
     choice.change(pick_lvlm_image, choice, image)
     go.click(run_lvlm, [image, question, method, layer, keep], [status, dense, pruned, gallery],
              concurrency_limit=4)

@@ -47,13 +47,13 @@ def test_llm_errors_show_the_library_message(layer, keep, prompt, message):
 
 def test_vit_tab_classifies_and_draws_one_overlay_per_pruning_layer():
     image = app.compare.sample_image("vit", 0)
-    status, dense, pruned, overlays = app.run_vit("tiny-vit", image, "", "zero-tprune", "2, 4", 0.5)
+    status, dense, pruned, sheet = app.run_vit("tiny-vit", image, "", "zero-tprune", "2, 4", 0.5)
     assert "dense says *ankle boot*" in status
     assert max(dense, key=dense.get) == "ankle boot" and len(pruned) == 5
-    assert [caption for _, caption in overlays] == ["layer 2: 32 of 64 patches kept", "layer 4: 16 of 64 patches kept"]
-    assert overlays[0][0].size == (256, 256)
-    status, dense, pruned, overlays = app.run_vit("tiny-clip", image, "ankle boot, bag, dress", "tome", "", 0.5)
-    assert set(dense) == {"ankle boot", "bag", "dress"} and len(overlays) == 1
+    assert "layer 2: 32 of 64 patches kept; layer 4: 16 of 64 patches kept." in status
+    assert sheet.size == (2 * 256 + 8, 256 + 26)  # one overlay per pruning layer, side by side
+    status, dense, pruned, sheet = app.run_vit("tiny-clip", image, "ankle boot, bag, dress", "tome", "", 0.5)
+    assert set(dense) == {"ankle boot", "bag", "dress"} and sheet.size == (256, 256 + 26)
     status, *_ = app.run_vit("tiny-vit", None, "", "tome", "", 0.5)
     assert status == "**Error:** pick a test image or upload one"
 
@@ -65,7 +65,7 @@ def test_concurrent_sessions_never_see_each_others_pruner():
     solo = {k: app.run_vit("tiny-vit", image, "", *s) for k, s in settings.items()}
     llm = {"a": 0.25, "b": 0.75}
     llm_solo = {k: app.run_llm(PROMPT, "fastv", "4", v, 3) for k, v in llm.items()}
-    captions = {k: [c for _, c in r[3]] for k, r in solo.items()}
+    captions = {k: r[0].split("Patches taking part:")[1].split(".")[0] for k, r in solo.items()}
     assert captions["a"] != captions["b"] and llm_solo["a"][5] != llm_solo["b"][5]  # the settings do differ
     results, start = {}, threading.Barrier(4)
 
@@ -84,7 +84,7 @@ def test_concurrent_sessions_never_see_each_others_pruner():
         t.join(300)
     for k in settings:
         for status, dense, pruned, overlays in results[("vit", k)]:
-            assert [c for _, c in overlays] == captions[k]
+            assert status.split("Patches taking part:")[1].split(".")[0] == captions[k]
             assert pruned == pytest.approx(solo[k][2], abs=1e-5)
         got, want = results[("llm", k)], llm_solo[k]
         assert got[2] == want[2] and got[5] == want[5]  # same pruned answer, same dropped tokens
@@ -94,10 +94,12 @@ def test_concurrent_sessions_never_see_each_others_pruner():
 @pytest.mark.skipif(not app.lvlm_available(), reason="no LVLM adapter in this checkout yet")
 def test_lvlm_tab_answers_and_marks_kept_visual_tokens():
     image = app.compare.sample_image("lvlm", 0)
-    status, dense, pruned, overlays = app.run_lvlm(image, "what color is the shape?", "fastv", "2", 0.25)
+    status, dense, pruned, sheet = app.run_lvlm(image, "what color is the shape?", "fastv", "2", 0.25)
     assert "on the 64 visual tokens" in status, status
     assert dense and pruned
-    assert [c for _, c in overlays] == ["layer 2: 16 of 64 patches kept"]
+    assert "Visual tokens taking part: layer 2: 16 of 64 patches kept." in status and sheet.size == (256, 282)
+    status, *_ = app.run_lvlm(image, "what color is the shape?", "vflowopt", "", 0.25)  # two stages, recycling
+    assert "layer 1: 16 of 64 patches kept, 16 took in pruned ones; layer 2: 4 of 64 patches kept" in status
 
 
 def _free_port():
