@@ -97,11 +97,11 @@ def retire_cache(cache) -> None:
     Without hooks the dense model would attend to a pruned layer's keys at the wrong positions
     (silently with SDPA and one query); this instance attribute turns that into the rule.
     """
+    cache.update = refuse_retired_cache  # a module-level function: the cache still pickles
 
-    def refuse(*args, **kwargs):
-        raise TokenPruneError("this KV cache was filled under a pruner that has been removed; " + CACHE_RULE)
 
-    cache.update = refuse
+def refuse_retired_cache(*args, **kwargs):
+    raise TokenPruneError("this KV cache was filled under a pruner that has been removed; " + CACHE_RULE)
 
 
 def record_reduction(stats: Stats, layer: int, st: TokenState, redirects) -> None:
