@@ -12,9 +12,9 @@ Budget (``kind``):
   1..L-1 (layer 0 always runs dense in this engine). It is the reference code's constraint
   (its ``TARGET_AVERAGE``: kept share per layer, averaged over the depth) and is proportional
   to the visual tokens' decoder compute, so budget b costs what FastV(layer=1, keep_ratio=b)
-  costs. Each trial's ratios are solved so the schedule spends exactly the budget (the
-  reference solves its last ratio the same way); a trial whose measured share (after
-  rounding to whole tokens) exceeds it by more than half a token per layer is rejected.
+  costs. Each trial's ratios are solved so the schedule spends the budget in whole tokens
+  without exceeding it (the reference solves its last ratio the same way); a trial whose
+  measured share exceeds it is rejected.
 - ``"flops"``: the decoder's prefill FLOPs relative to dense (``handle.stats``). It is turned
   into a token budget once (bisection on a one-stage schedule at layer 1), then trials are
   searched as above and rejected if their measured FLOPs exceed the budget.
@@ -94,12 +94,15 @@ def schedules(num_layers: int, budget: float, max_stages: int = 3) -> list[tuple
     return out
 
 
-def solve_ratios(layers: tuple[int, ...], num_layers: int, budget: float, u: list[float]) -> tuple[float, ...]:
+def solve_ratios(layers: tuple[int, ...], num_layers: int, budget: float, u: list[float],
+                 tokens: int | None = None) -> tuple[float, ...]:
     """Per-stage keep ratios whose kept share, averaged over layers 1..L-1, equals ``budget``.
 
     ``u`` (one number in [0, 1] per stage but the last) places each cumulative share between
     the least that can still spend the budget and the most that does not overspend it; the
-    last stage takes what is left (the reference solves its last ratio the same way).
+    last stage takes what is left (the reference solves its last ratio the same way). With
+    ``tokens`` (visual tokens per prompt), the shares are whole token counts that never exceed
+    the budget (each ratio is count / previous count, which the pruner's rounding keeps exact).
     """
     lengths = [b - a for a, b in zip(layers, list(layers[1:]) + [num_layers])]
     rest = budget * (num_layers - 1) - (layers[0] - 1)
@@ -114,6 +117,16 @@ def solve_ratios(layers: tuple[int, ...], num_layers: int, budget: float, u: lis
         shares.append(c)
         rest -= c * length
         prev = c
+    if tokens is not None:  # whole tokens: floor each stage's count, the last takes what is left
+        counts, spent, prev_k = [], 0, tokens
+        allowed = int(budget * (num_layers - 1) * tokens + 1e-9) - (layers[0] - 1) * tokens
+        for i, (c, length) in enumerate(zip(shares, lengths)):
+            k = int(c * tokens + 1e-9) if i < len(lengths) - 1 else (allowed - spent) // length
+            k = max(0, min(prev_k, k))
+            counts.append(k)
+            spent += k * length
+            prev_k = k
+        shares = [k / tokens for k in counts]
     ratios, prev = [], 1.0
     for c in shares:
         ratios.append(min(1.0, c / prev) if prev > 0 else 0.0)
@@ -121,11 +134,11 @@ def solve_ratios(layers: tuple[int, ...], num_layers: int, budget: float, u: lis
     return tuple(round(r, 6) for r in ratios)
 
 
-def suggest(trial, num_layers: int, budget: float, choices: list[tuple[int, ...]]) -> VFlowOpt:
+def suggest(trial, num_layers: int, budget: float, choices: list[tuple[int, ...]], tokens: int) -> VFlowOpt:
     key = trial.suggest_categorical("layers", [",".join(map(str, c)) for c in choices])
     layers = tuple(int(x) for x in key.split(","))
     u = [trial.suggest_float(f"u{i}", 0.0, 1.0) for i in range(2)][: len(layers) - 1]
-    return VFlowOpt(layer=layers, keep_ratio=solve_ratios(layers, num_layers, budget, u),
+    return VFlowOpt(layer=layers, keep_ratio=solve_ratios(layers, num_layers, budget, u, tokens),
                     alpha=trial.suggest_float("alpha", -1.0, 1.0),
                     global_threshold=trial.suggest_float("global_threshold", 0.0, 50.0),
                     text_queries=trial.suggest_categorical("text_queries", TEXT_QUERIES),
@@ -172,15 +185,14 @@ def calibrate(model, processor, budget: float, kind: str = "tokens", trials: int
     tokens = budget if kind == "tokens" else token_budget_for_flops(model, inputs, dense, budget)
     choices = schedules(num_layers, tokens)
     n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum(1).min())
-    slack = 0.5 / n_visual  # half a token per layer: rounding to whole tokens
 
     def objective(trial):
-        pruner = suggest(trial, num_layers, tokens, choices)
+        pruner = suggest(trial, num_layers, tokens, choices, n_visual)
         got = evaluate(model, inputs, dense, pruner)
         for k, v in got.items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("config", pruner.to_dict())
-        over = got["kept_share"] > tokens + slack if kind == "tokens" else got["flops_rel"] > budget + 1e-3
+        over = got["kept_share"] > tokens + 1e-9 if kind == "tokens" else got["flops_rel"] > budget + 1e-9
         trial.set_user_attr("over_budget", bool(over))
         return got["objective"] - (2.0 if over else 0.0)
 

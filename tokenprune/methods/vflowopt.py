@@ -136,9 +136,13 @@ class VFlowOpt(Pruner):
     receives more than this times the mean attention (None: no global queries);
     ``text_queries``: last prompt tokens used as queries too. ``recycle_grid``: cell size in
     patches of the recycling grid (0: pruned tokens are dropped).
-    ``calibrated``: a testbed name (``tokenprune/zoo/weights/<name>/vflowopt/``) or a JSON
-    path; its config for ``budget`` (None: ``keep_ratio``, so the eval harness's budget picks
-    it) replaces the fields in :data:`CALIBRATED_FIELDS`.
+    ``calibrated``: a testbed name (``tokenprune/zoo/weights/<name>/vflowopt/keep<budget>.json``)
+    or a JSON path; that config replaces the fields in :data:`CALIBRATED_FIELDS`.
+    ``budget``: which calibrated config, by the share of visual tokens it keeps averaged over
+    decoder layers 1..L-1 (the calibration's budget, see :mod:`tokenprune.calibrate`: the
+    compute of FastV(layer=1, keep_ratio=budget)); None = ``keep_ratio``, so ``tokenprune eval
+    --methods vflowopt:calibrated=tiny-llava --budgets 0.1`` picks ``keep0.10.json``. In a
+    calibrated JSON it records the budget; without ``calibrated`` it is not used.
     """
 
     layer: int | tuple[int, ...] = (1, 2)
