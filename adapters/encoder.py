@@ -216,7 +216,8 @@ class EncoderAdapter(HookedAdapter):
                 hidden, call["dense_out"] = gather_rows(hidden, st.index), False
             st.layer, st.hidden = i, hidden
             self._select(call, i, self.at.get(i, ()))
-            call["stash"] = {"layer": i, "hidden": st.hidden, "q": None, "k": None, "version": stream.version}
+            call["stash"] = {"layer": i, "hidden": st.hidden, "q": None, "k": None, "version": stream.version,
+                             "pending": []}
             n = st.num_slots
             call["attn_slots"] = n  # the MLP half is counted after the block (an inside merge may shrink it)
             stats = call["stats"]
@@ -253,10 +254,8 @@ class EncoderAdapter(HookedAdapter):
                 raise TokenPruneError(f"{pruner.name}: a {type(reduction).__name__} cannot start inside block {i}")
             slots, _ = stream.reduce(i, reduction)
             changed = True
-            if current:  # a later pruner at this point reads the same block on the kept slots
-                for key in ("hidden", "q", "k"):
-                    if stash[key] is not None:
-                        stash[key] = gather_rows(stash[key], slots)
+            if current:  # a later reader of the same block sees the kept slots (gathered when read)
+                stash["pending"].append(slots)
                 stash["version"] = stream.version
         return changed
 
@@ -342,6 +341,11 @@ class EncoderAdapter(HookedAdapter):
     def _qk(self, call, need_q: bool = True):
         """The previous block's (q, k) as (B, heads, n, head_dim): captured while it ran, else recomputed."""
         stash = call["stash"]
+        for slots in stash["pending"]:
+            for key in ("hidden", "q", "k"):
+                if stash[key] is not None:
+                    stash[key] = gather_rows(stash[key], slots)
+        stash["pending"].clear()
         block = self.tower.blocks[stash["layer"]]
         q, k = stash["q"], stash["k"]
         if k is None or (need_q and q is None):

@@ -135,3 +135,17 @@ def test_deit_small_flops_at_constant_r8_are_the_analytic_block_flops():
     assert [row[0] for row in stats.tokens_per_layer] == counts[1:]
     assert stats.flops == sum(attention(counts[i]) + mlp(counts[i + 1]) for i in range(12))
     assert stats.dense_flops == 12 * (attention(198) + mlp(198))
+
+
+def test_a_pruner_reads_the_block_a_merge_or_drop_before_it_already_reduced():
+    """ToMe inside block 1, then Zero-TPrune before layer 2 reads block 1's attention on the merged set;
+    two pruners before one layer: the second scores what the first kept."""
+    model, x = vit_model(), pixels()
+    visual = dict(segment="visual", protect_first=0, protect_last=0)
+    for pruners, counts in [
+        ([tp.ToMe(layer=1, r=6), tp.ZeroTPrune(layer=2, keep_ratio=0.5)], [65, 59, 30, 30]),
+        ([tp.RandomDrop(layer=2, keep_ratio=0.5, **visual), tp.ZeroTPrune(layer=2, keep_ratio=0.5)], [65, 65, 17, 17]),
+    ]:
+        with torch.no_grad(), tp.pruning(model, pruners) as handle:
+            out = model(x).last_hidden_state
+        assert [row[0] for row in handle.stats.tokens_per_layer] == counts and torch.isfinite(out).all()
