@@ -220,3 +220,22 @@ def test_calibration_set_is_easy_vqa_train(tiny_llava_zoo):
     train = vqa_data.easy_vqa_items("train", limit=4, seed=0)
     expected = processor(images=[im for im, _, _ in train], return_tensors="pt")["pixel_values"]
     assert torch.equal(inputs["pixel_values"], expected)
+
+
+def test_calibrate_under_a_flops_budget(tiny_llava_zoo):
+    from tokenprune.calibrate import calibrate
+
+    model, processor = tiny_llava_zoo
+    result = calibrate(model, processor, 0.5, kind="flops", trials=2, items=4, progress=False)
+    assert result["kind"] == "flops" and 0.0 < result["token_budget"] < 1.0
+    inputs = calibration_inputs(processor, 4, seed=0)
+    got = evaluate(model, inputs, last_hidden(model, inputs), tp.build_pruner(**result["config"]))
+    assert got["flops_rel"] <= 0.5 and got["flops_rel"] == pytest.approx(result["flops_rel"])
+
+
+def test_calibrate_refuses_bad_budgets_before_loading_anything(capsys):
+    from tokenprune.cli import main
+
+    for budget in ("0", "1.0", "-0.2"):
+        assert main(["calibrate", "vflowopt", "--model", "no-such-model", "--budget", budget, "--out", "x.json"]) == 2
+        assert "budget must be a number in (0, 1)" in capsys.readouterr().err

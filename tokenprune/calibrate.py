@@ -17,7 +17,8 @@ Budget (``kind``):
   measured share exceeds it is rejected.
 - ``"flops"``: the decoder's prefill FLOPs relative to dense (``handle.stats``). It is turned
   into a token budget once (bisection on a one-stage schedule at layer 1), then trials are
-  searched as above and rejected if their measured FLOPs exceed the budget.
+  searched as above and rejected if their measured FLOPs exceed the budget. The written
+  config's ``budget`` is then this FLOPs share (the shipped ``keep<B>.json`` are token budgets).
 
 Python::
 
