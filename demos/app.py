@@ -6,7 +6,8 @@
 LLM (SmolLM2-135M): prompt -> both answers, tokens kept per layer, prefill time / FLOPs / KV
 bytes, the dropped prompt tokens highlighted. ViT (tiny-vit, tiny-clip): image -> top classes,
 the kept patches at each pruning layer. LVLM (tiny-llava, when the LVLM adapter is installed):
-easy-vqa image + question -> both answers, kept visual tokens on the image.
+easy-vqa image + question -> both answers, kept visual tokens on the image. Text to image
+(tiny-t2i): prompt -> both images and what a judge reads in them, FLOPs per denoising step.
 
 Each model loads once, on first use, and serves every session. The dense and pruned calls of
 one request hold that model's lock (tokenprune.evals.compare.model_lock), so two users with
@@ -374,13 +375,57 @@ def lvlm_tab(methods):
              concurrency_limit=4)
 
 
+# ---- text-to-image tab ------------------------------------------------------------------
+def run_t2i(prompt, method, budget, steps, seed):
+    empty = ("", None, None)
+    try:
+        loaded = get_model("tiny-t2i")
+        if budget is None or budget == "":
+            raise tp.TokenPruneError("the budget is empty: give a number in [0, 1]")
+        field = "ratio" if "ratio" in compare.config_fields(method) else "keep_ratio"
+        pruner = tp.build_pruner(method, **{**compare.method_defaults(loaded, method), field: float(budget)})
+        r = compare.compare_t2i(loaded.model, loaded.processor, pruner, prompt, int(steps or 25), int(seed or 0))
+    except Exception as e:  # noqa: BLE001
+        return (error_text(e), *empty)
+    status = done(f"**{r['pruner']['name']}**: the judge reads the dense image as *{r['dense_reads']}* and the "
+                  f"pruned one as *{r['pruned_reads']}*.") + "\n\n" + stats_table(r).replace(
+        "FLOPs (transformer layers)", "FLOPs of one U-Net call (a denoising step)").replace(
+        "tokens entering the last layer", "tokens entering the last attention block")
+    big = lambda im: im.resize((im.width * 6, im.height * 6), 0)  # noqa: E731  (0: nearest; 32 px is tiny)
+    return status, big(r["dense_image"]), big(r["pruned_image"])
+
+
+def t2i_tab(methods):
+    from tokenprune.zoo.t2i import all_prompts
+
+    gr.Markdown("tiny-t2i: a small diffusers pipeline (U-Net + MiniLM text encoder) trained here on easy-vqa "
+                "shapes, 32x32 images; a small CNN judge reads each image's color and shape. ToMe-SD merges "
+                "tokens inside the U-Net's attention blocks and unmerges them after. APTP (per-prompt pruned "
+                "architectures) is not in tokenprune yet.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            prompt = gr.Dropdown(all_prompts(), value="a red circle", allow_custom_value=True, label="Prompt",
+                                 elem_id="t2i-prompt")
+            steps = gr.Number(25, label="Denoising steps", precision=0, elem_id="t2i-steps")
+            seed = gr.Number(0, label="Seed", precision=0, elem_id="t2i-seed")
+        with gr.Column(scale=2):
+            method = gr.Dropdown(methods, value="tome-sd", label="Method", elem_id="t2i-method")
+            budget = gr.Number(0.5, label="Budget: tome-sd's ratio (share of tokens merged); others: keep ratio",
+                               elem_id="t2i-budget")
+            go = gr.Button("Generate dense and pruned", variant="primary", elem_id="t2i-run")
+    status = gr.Markdown(elem_id="t2i-status")
+    with gr.Row():
+        dense = gr.Image(label="Dense", type="pil", interactive=False, elem_id="t2i-dense")
+        pruned = gr.Image(label="Pruned", type="pil", interactive=False, elem_id="t2i-pruned")
+    go.click(run_t2i, [prompt, method, budget, steps, seed], [status, dense, pruned], concurrency_limit=4)
+
+
 # ---- the app -----------------------------------------------------------------------------
 def make_app() -> gr.Blocks:
     methods = [m for m in tp.list_pruners()]
     with gr.Blocks(title="tokenprune", analytics_enabled=False) as app:
         gr.Markdown("# tokenprune: dense vs pruned\nEvery run calls the model twice on the same input, once as "
-                    "is and once with the pruner attached, on bundled offline models. Text-to-image "
-                    "(tiny-t2i) has no tab yet: tokenprune has no U-Net adapter.")
+                    "is and once with the pruner attached, on bundled offline models.")
         with gr.Tab("LLM", id="llm"):
             llm_tab(methods)
         with gr.Tab("ViT", id="vit"):
@@ -388,12 +433,15 @@ def make_app() -> gr.Blocks:
         if lvlm_available():
             with gr.Tab("LVLM", id="lvlm"):
                 lvlm_tab(methods)
+        with gr.Tab("Text to image", id="t2i"):
+            t2i_tab(methods)
     return app
 
 
 THEME_FONTS = dict(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # no web fonts: offline
 # the bundled images are 28 to 64 pixels: show them large, pixels sharp
-CSS = "#vit-image img, #lvlm-image img {width: 168px !important; height: 168px !important; image-rendering: pixelated;}"
+CSS = ("#vit-image img, #lvlm-image img, #t2i-dense img, #t2i-pruned img "
+       "{width: 168px !important; height: 168px !important; image-rendering: pixelated;}")
 
 
 def launch(app: gr.Blocks, host: str, port: int | None, **kwargs):
@@ -415,7 +463,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.preload:
-        for name in ["smollm2-135m", "tiny-vit", "tiny-clip"] + (["tiny-llava"] if lvlm_available() else []):
+        for name in ["smollm2-135m", "tiny-vit", "tiny-clip", "tiny-t2i"] + (["tiny-llava"] if lvlm_available() else []):
             get_model(name)
     app = make_app()
     url = launch(app, args.host, args.port, prevent_thread_lock=True)

@@ -231,6 +231,58 @@ def compare_lvlm(model, processor, pruner: Pruner, image, question: str, max_new
     }
 
 
+# ---- text to image -----------------------------------------------------------------------
+@torch.no_grad()
+def compare_t2i(pipe, judge, pruner: Pruner, prompt: str, steps: int = 25, seed: int = 0) -> dict:
+    """One image per prompt dense and pruned from the same seed; the judge's reading of each.
+
+    ``stats`` are the last U-Net call's (one denoising step is one request).
+    """
+    from ..zoo.t2i import parse_prompt
+
+    if not prompt or not prompt.strip():
+        raise TokenPruneError("the prompt is empty")
+    try:
+        parse_prompt(prompt)
+    except ValueError as e:
+        raise TokenPruneError(str(e)) from None
+
+    def sample():
+        g = torch.Generator().manual_seed(int(seed))
+        return pipe([prompt], num_inference_steps=int(steps), generator=g, output_type="pt").images
+
+    def read(images):
+        shape, color = judge.predict(images.float() * 2 - 1)
+        return f"{judge.colors[int(color[0])]} {judge.shapes[int(shape[0])]}"
+
+    with model_lock(pipe.unet):
+        t0 = time.perf_counter()
+        dense = sample()
+        dense_s = time.perf_counter() - t0
+        with pruning(pipe, pruner) as handle:
+            t0 = time.perf_counter()
+            pruned = sample()
+            pruned_s = time.perf_counter() - t0
+            stats = handle.stats
+    from PIL import Image
+
+    def to_pil(x):
+        return Image.fromarray((x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+
+    return {
+        "kind": "t2i",
+        "pruner": pruner.to_dict(),
+        "prompt": prompt,
+        "dense_reads": read(dense),
+        "pruned_reads": read(pruned),
+        "dense_image": to_pil(dense),
+        "pruned_image": to_pil(pruned),
+        "stats": _stats_dict(stats),
+        "time": {"what": "whole pipeline call, dense then pruned, one each", "dense_s": dense_s,
+                 "pruned_s": pruned_s, "speedup": dense_s / pruned_s if pruned_s else None},
+    }
+
+
 # ---- models and inputs -------------------------------------------------------------------
 #: what each bundled model is, for the callers that pick inputs and defaults
 ZOO_KINDS = {"smollm2-135m": "llm", "tiny-vit": "vit", "tiny-clip": "clip", "tiny-llava": "lvlm", "tiny-t2i": "t2i"}
@@ -238,7 +290,8 @@ ZOO_KINDS = {"smollm2-135m": "llm", "tiny-vit": "vit", "tiny-clip": "clip", "tin
 
 @dataclass
 class Loaded:
-    """A model ready for ``compare_*``: its kind (llm, vit, clip, lvlm), model and processor."""
+    """A model ready for ``compare_*``: its kind (llm, vit, clip, lvlm, t2i), model and processor
+    (for t2i: the diffusers pipeline and the judge that reads shape and color)."""
 
     name: str
     kind: str
@@ -269,9 +322,7 @@ def _load(spec: str) -> Loaded:
 
     if spec in ZOO_KINDS and spec in zoo.names():
         kind = ZOO_KINDS[spec]
-        if kind == "t2i":
-            raise TokenPruneError("tiny-t2i (text-to-image) cannot be pruned yet: tokenprune has no U-Net adapter")
-        model, proc = zoo.load(spec)
+        model, proc = zoo.load(spec)  # t2i: (pipeline, judge)
         return Loaded(spec, kind, model, proc)
     if not os.path.isdir(spec):
         raise TokenPruneError(f"unknown model {spec!r}: neither a bundled model ({', '.join(zoo.names())}) "
@@ -304,12 +355,20 @@ def _load(spec: str) -> Loaded:
     return Loaded(spec, "llm", model.eval(), tok)
 
 
+def config_fields(method: str) -> set[str]:
+    from .tasks import config_fields as fields
+
+    return fields(method)
+
+
 def method_defaults(loaded: Loaded, method: str) -> dict:
     """Defaults that fit the model (the same as ``tokenprune eval``'s): the segment to prune and a layer."""
     from .tasks import decoder_layer_default, defaults_for
 
     if loaded.kind == "llm":
         return defaults_for(method, layer=decoder_layer_default(loaded.model), segment="text")
+    if loaded.kind == "t2i":  # tiny-t2i's first attention level is at downsample 2 (SD's at 1)
+        return defaults_for(method, max_downsample=2, segment="visual")
     return defaults_for(method, segment="visual")  # ViT patches, LVLM visual tokens; each method's own layers
 
 

@@ -102,6 +102,15 @@ def test_lvlm_tab_answers_and_marks_kept_visual_tokens():
     assert "layer 1: 16 of 64 patches kept, 16 took in pruned ones; layer 2: 4 of 64 patches kept" in status
 
 
+def test_t2i_tab_generates_both_images_and_reads_them():
+    status, dense, pruned = app.run_t2i("a red circle", "tome-sd", 0.5, 25, 0)
+    assert "the judge reads the dense image as *red circle*" in status, status  # tiny-t2i draws it right
+    assert "| FLOPs of one U-Net call (a denoising step) | 0.198 G | 0.154 G | 0.777 |" in status
+    assert dense.size == pruned.size == (192, 192) and dense.tobytes() != pruned.tobytes()  # 32 px, shown 6x
+    status, *_ = app.run_t2i("a dog", "tome-sd", 0.5, 25, 0)
+    assert status.startswith("**Error:** prompt 'a dog' must name exactly one of")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

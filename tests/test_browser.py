@@ -158,6 +158,20 @@ def test_lvlm_tab(server, browser):
     page.close()
 
 
+def test_t2i_tab(server, browser):
+    from playwright.sync_api import expect
+
+    page = open_tab(browser, server, "Text to image")
+    fill(page, "#t2i-budget input", 0.5)
+    page.click("#t2i-run")
+    expect(page.locator("#t2i-status")).to_contain_text("the judge reads", timeout=RUN_TIMEOUT)
+    expect(page.locator("#t2i-status")).to_contain_text("FLOPs of one U-Net call")
+    expect(page.locator("#t2i-dense img")).to_have_count(1)
+    expect(page.locator("#t2i-pruned img")).to_have_count(1)
+    shot(page, "app_t2i.png")
+    page.close()
+
+
 def test_two_users_at_once_keep_their_own_settings(server, browser):
     """Two browser contexts (two users), different keep ratios, requests in flight together."""
     from playwright.sync_api import expect

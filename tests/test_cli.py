@@ -1,5 +1,6 @@
 """The ``tokenprune`` command: every subcommand has --help, bad input exits 2 with one line, `run` works."""
 import json
+import os
 import subprocess
 import sys
 
@@ -97,6 +98,14 @@ def test_run_clip_labels_and_a_short_prompt_says_nothing_was_pruned(capsys):
                  "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "nothing was pruned" in out and "protect_last" in out
+
+
+def test_run_text_to_image_saves_both_images(tmp_path, capsys):
+    assert main(["run", "--model", "tiny-t2i", "--method", "tome-sd", "--keep-ratio", "0.5", "--prompt",
+                 "a red circle", "--save-images", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "the judge reads the dense image as:  red circle" in out and "FLOPs 0.154G vs 0.198G (77.7%)" in out
+    assert sorted(os.listdir(tmp_path)) == ["dense.png", "pruned.png"]
 
 
 def test_run_on_a_local_model_directory(tmp_path, capsys):

@@ -56,10 +56,17 @@ class Stats:
 
     @property
     def pruned_anything(self) -> bool:
-        """False when every layer saw every token (the pruned call did the dense model's work)."""
+        """False when every layer saw every token (the pruned call did the dense model's work).
+
+        Judged by FLOPs where they are counted: a U-Net's layers hold fewer tokens at lower
+        resolutions without any pruning.
+        """
+        if self.vision is not None and self.vision.pruned_anything:
+            return True
+        if self.dense_flops:
+            return self.flops < self.dense_flops
         dense = sum(self.dense_tokens)
-        tower = self.vision is not None and self.vision.pruned_anything
-        return tower or any(sum(row) < dense for row in self.tokens_per_layer)
+        return any(sum(row) < dense for row in self.tokens_per_layer)
 
     def summary(self) -> str:
         per_layer = [sum(row) for row in self.tokens_per_layer]
@@ -71,9 +78,10 @@ class Stats:
         if self.tokens_per_layer and not self.pruned_anything:
             # say why, or a user reads "100%" as a broken pruner
             text += (
-                f"\nnothing was pruned: all {sum(self.dense_tokens)} input tokens reached every layer. Pruners "
-                "reduce only candidates (tokens of their segment, minus the first protect_first and last "
-                "protect_last prompt tokens): a prompt this short may have none, or keep_ratio keeps them all."
+                "\nnothing was pruned: every layer saw the dense model's tokens. Pruners reduce only their "
+                "candidates: tokens of their segment minus the first protect_first and last protect_last prompt "
+                "tokens (a prompt this short may have none), before their layers or blocks (tome-sd: attention "
+                "levels up to max_downsample); keep_ratio 1.0 keeps them all."
             )
         return text
 
