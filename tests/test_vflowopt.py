@@ -150,6 +150,18 @@ SHIPPED = sorted(f for f in os.listdir(os.path.join(ZOO_WEIGHTS, "tiny-llava", "
 
 
 @pytest.mark.parametrize("file", SHIPPED)
+def test_shipped_configs_reproduce_their_study(file, tiny_llava_zoo):
+    """Rerunning a shipped config on its calibration set gives the objective and share its record holds."""
+    record = json.load(open(os.path.join(ZOO_WEIGHTS, "tiny-llava", "vflowopt", file.replace(".json", ".study.json"))))
+    model, processor = tiny_llava_zoo
+    inputs = calibration_inputs(processor, record["items"], seed=record["seed"])
+    got = evaluate(model, inputs, last_hidden(model, inputs), tp.build_pruner(**record["config"]))
+    assert got["objective"] == pytest.approx(record["objective"], abs=1e-5)
+    assert got["kept_share"] == record["kept_share"] <= record["budget"]
+    assert record["objective"] >= record["first_trial_objective"]
+
+
+@pytest.mark.parametrize("file", SHIPPED)
 def test_shipped_configs_load_by_name_and_by_json(file):
     path = os.path.join(ZOO_WEIGHTS, "tiny-llava", "vflowopt", file)
     with open(path) as f:

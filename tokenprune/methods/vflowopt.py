@@ -110,17 +110,19 @@ def recycle(importance: torch.Tensor, candidates: torch.Tensor, count: torch.Ten
         r = next((r for r in range(k + 1) if int(spanned[must + r]) <= r), k)
         low = asc[: must + r]
         keep[b, order[: k - r]] = True
-        low_cells = cell[b, low]
-        groups = [g for g in torch.unique(low_cells).tolist() if g >= 0]
-        best = []
-        for g in groups:
-            members = low[low_cells == g]
-            best.append((float(importance[b, members].max()), int(members[importance[b, members].argmax()]), members))
-        best.sort(key=lambda t: -t[0])
-        for _, rep, members in best[:r]:  # more groups than slots only when count is tiny
-            keep[b, rep] = True
-            dst[b, members] = rep
-            dst[b, rep] = -1
+        low = low[cell[b, low] >= 0]  # tokens without a cell just leave
+        if r == 0 or len(low) == 0:
+            continue
+        _, group = torch.unique(cell[b, low], return_inverse=True)
+        # ``low`` runs from the least important up, so a group's best member is its last one
+        best = torch.full((int(group.max()) + 1,), -1).scatter_reduce(0, group, torch.arange(len(low)), reduce="amax")
+        chosen = torch.zeros(len(best), dtype=torch.bool)
+        chosen[best.argsort(descending=True)[:r]] = True  # more groups than slots only when count is tiny
+        members = chosen[group]
+        rep = low[best]
+        dst[b, low[members]] = rep[group[members]]
+        dst[b, rep[chosen]] = -1
+        keep[b, rep[chosen]] = True
     return keep, dst
 
 
