@@ -101,13 +101,12 @@ def recycle(importance: torch.Tensor, candidates: torch.Tensor, count: torch.Ten
         asc = order.flip(0)  # lowest first
         cells = cell[b, asc]
         has_cell = cells >= 0
-        _, inverse = torch.unique(torch.where(has_cell, cells, -1), return_inverse=True)
-        first = torch.full((int(inverse.max()) + 1,), total, dtype=torch.long)
-        first = first.scatter_reduce(0, inverse, torch.arange(total), reduce="amin")
-        first = first[torch.unique(inverse[has_cell])] if bool(has_cell.any()) else first[:0]
+        uniq, inverse = torch.unique(cells[has_cell], return_inverse=True)
+        first = torch.full((len(uniq),), total).scatter_reduce(0, inverse, torch.arange(total)[has_cell], reduce="amin")
         spanned = (first[None, :] < torch.arange(total + 1)[:, None]).sum(1)  # cells among the p lowest
         must = total - k
-        r = next((r for r in range(k + 1) if int(spanned[must + r]) <= r), k)
+        fits = (spanned[must:] <= torch.arange(k + 1)).nonzero()  # R cells for R recycled slots
+        r = int(fits[0]) if len(fits) else k
         low = asc[: must + r]
         keep[b, order[: k - r]] = True
         low = low[cell[b, low] >= 0]  # tokens without a cell just leave
