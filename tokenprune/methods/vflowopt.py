@@ -34,6 +34,13 @@ What the model must provide: the entropy term needs ``"patch_pixels"`` and recyc
 (text decoders; ViT encoders today) both are skipped: the method is then the reference's
 global-token attention importance with progressive dropping.
 
+Where this differs from the reference code (sihany077/VFlowOpt, LLaVA-OneVision): it scores
+once, in the vision tower (attention of the global tokens at one ViT layer, plus the entropy
+term), recycles there, and reuses that one score at every LLM stage; here each stage scores
+from the decoder's own attention of the layer before it, and recycles at every stage, so
+tokens stay model-agnostic decoder slots (the tower-side variant would need the tower's
+patch-to-patch attention, which the LVLM adapter does not provide yet).
+
 Calibration (``tokenprune calibrate vflowopt``, :mod:`tokenprune.calibrate`) tunes the stage
 layers, ratios, ``alpha``, ``global_threshold`` and ``recycle_grid`` with an optuna study; a
 shipped result loads with ``VFlowOpt(calibrated="tiny-llava", budget=0.1)``.
