@@ -460,13 +460,17 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up checks
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.preload:
         for name in ["smollm2-135m", "tiny-vit", "tiny-clip", "tiny-t2i"] + (["tiny-llava"] if lvlm_available() else []):
             get_model(name)
     app = make_app()
-    url = launch(app, args.host, args.port, prevent_thread_lock=True)
+    try:
+        url = launch(app, args.host, args.port, prevent_thread_lock=True)
+    except OSError as e:  # e.g. the port is taken
+        raise SystemExit(f"app.py: error: cannot serve on {args.host}:{args.port or 'the default port'}: {e}")
     print(f"tokenprune app running at {url}  (Ctrl+C stops it)", flush=True)
     try:
         app.block_thread()

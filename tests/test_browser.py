@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -45,6 +46,7 @@ def server():
         proc.kill()
         pytest.fail("the app did not start")
     assert url == f"http://127.0.0.1:{port}/"
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining: a full pipe would block the app
     yield url
     proc.terminate()
     proc.wait(30)
