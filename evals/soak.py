@@ -177,6 +177,7 @@ class Soak:
         hooks = hook_count(self.decoder), hook_count(self.encoder)
         dec_pool, dec_skipped = pruner_pool(self.decoder, lambda: self.decoder(dec_ids), "text", self.rng)
         enc_pool, enc_skipped = pruner_pool(self.encoder, lambda: self.encoder(pixels), "visual", self.rng)
+        gc.collect()  # from here on, a per-request object alive between requests is a leak or a cycle of ours
         every = max(1, total // samples)
         rows, next_sample = [], 0
         bar = tqdm(total=total, desc="soak", disable=not progress, unit="req")
