@@ -422,7 +422,8 @@ def t2i_tab(methods):
 
 # ---- the app -----------------------------------------------------------------------------
 def make_app() -> gr.Blocks:
-    methods = [m for m in tp.list_pruners()]
+    # token methods (those with a keep_ratio) for the transformer tabs; every method for the U-Net
+    methods = [m for m in tp.list_pruners() if "keep_ratio" in compare.config_fields(m)]
     with gr.Blocks(title="tokenprune", analytics_enabled=False) as app:
         gr.Markdown("# tokenprune: dense vs pruned\nEvery run calls the model twice on the same input, once as "
                     "is and once with the pruner attached, on bundled offline models.")
@@ -434,7 +435,7 @@ def make_app() -> gr.Blocks:
             with gr.Tab("LVLM", id="lvlm"):
                 lvlm_tab(methods)
         with gr.Tab("Text to image", id="t2i"):
-            t2i_tab(methods)
+            t2i_tab(tp.list_pruners())
     return app
 
 
