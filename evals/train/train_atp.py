@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 
@@ -202,7 +203,7 @@ def main():
                                 kept_visual=kept_visual(model, processor, test, pruner)))
             print(results[-1], flush=True)
     tail = log[-50:]
-    m = dict(command="flock /tmp/tp-heavy.lock .venv/bin/python evals/train/train_atp.py " + " ".join(sys.argv[1:]),
+    m = dict(command="flock /tmp/tp-heavy.lock .venv/bin/python evals/train/train_atp.py " + shlex.join(sys.argv[1:]),
              parameters=sum(p.numel() for p in head.parameters()), train_items=len(items), train_used=len(data),
              steps_done=len(log), train_seconds=train_seconds, total_seconds=time.time() - t0,
              final_lm=sum(a for a, _ in tail) / len(tail), final_budget=sum(b for _, b in tail) / len(tail),
