@@ -56,6 +56,7 @@ CASES = {
 # U-Net's feature map): here they must raise the library's error; their contract runs in that
 # family's tests (tests/test_lvlm.py, tests/test_unet.py). name -> (config, error message pattern)
 ELSEWHERE = {
+    "visionzip": (dict(layer=1, keep_ratio=0.5, segment="text"), "does not provide per-token 'vision_cls_attention'"),
     "tome-sd": (dict(ratio=0.5, blocks=[1]), "2-D token grid"),
     "atp": (dict(layer=1, checkpoint=None), "no 'visual' tokens"),  # scores visual tokens by text -> image attention
 }

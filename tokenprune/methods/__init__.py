@@ -4,7 +4,8 @@ from .fastv import FastV
 from .random import RandomDrop
 from .tome import ToMe
 from .tome_sd import ToMeSD
+from .visionzip import VisionZip
 from .vflowopt import VFlowOpt
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["ATP", "FastV", "RandomDrop", "ToMe", "ToMeSD", "VFlowOpt", "ZeroTPrune"]
+__all__ = ["ATP", "FastV", "RandomDrop", "ToMe", "ToMeSD", "VFlowOpt", "VisionZip", "ZeroTPrune"]
