@@ -116,12 +116,18 @@ def corpus_words(tok_pre, texts):
     return out
 
 
-def build_processor(train_questions, train_answers):
+def derived_texts(kinds):
+    """The words of the derived question kinds (``vqa_data.DERIVED_QUESTIONS``) for the vocabulary."""
+    return [q + " " + " ".join(answers) for k in kinds for q, answers in vqa_data.DERIVED_QUESTIONS.get(k, [])]
+
+
+def build_processor(train_questions, train_answers, extra_texts=()):
     from tokenizers import pre_tokenizers
     from transformers import LlavaImageProcessor, LlavaProcessor
 
     pre = pre_tokenizers.Whitespace()
-    words = corpus_words(pre, list(train_questions) + list(train_answers) + [build_prompt(""), "not ."])
+    words = corpus_words(pre, list(train_questions) + list(train_answers) + [build_prompt(""), "not ."]
+                         + list(extra_texts))
     tok = build_tokenizer(words)
     image_processor = LlavaImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
@@ -191,9 +197,10 @@ def patch_labels(images_uint8, classes):
     return lab
 
 
-def load_train(processor, limit_images=None):
+def load_train(processor, limit_images=None, kinds=("easy-vqa",)):
     """Cache everything in memory: pixel tensors and patch targets per image, token ids + answer
-    start per question."""
+    start per question. ``kinds``: question kinds of ``vqa_data.easy_vqa_items``; the derived ones
+    (position, size) are asked of every image, labelled or not (their answer is the bare word)."""
     import easy_vqa
     from PIL import Image
 
@@ -210,15 +217,26 @@ def load_train(processor, limit_images=None):
     image_tok = "<image>" * NUM_IMAGE_TOKENS
     prefix = tok(build_prompt("").split("<image>")[0] + image_tok)["input_ids"]  # <s> user : <image> x 64
     per_image = [[] for _ in image_ids]
-    for q, a, i in zip(qs, ans, ids):
-        if i not in index or i not in cls_of:
-            continue  # VQA targets need the image's color + shape (see format_answer)
+
+    def add(k, q, target):
         prompt = build_prompt(q).replace("<image>", image_tok)
         p_ids = tok(prompt)["input_ids"]  # with <s>
-        target = format_answer(q, COLORS[cls_of[i] // len(SHAPES)], SHAPES[cls_of[i] % len(SHAPES)], a)
         a_ids = tok(" " + target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert p_ids[: len(prefix)] == prefix, (prompt, prefix)
-        per_image[index[i]].append((p_ids + a_ids, len(p_ids)))
+        assert tok.unk_token_id not in p_ids + a_ids, f"words outside the vocabulary: {q!r} -> {target!r}"
+        per_image[k].append((p_ids + a_ids, len(p_ids)))
+
+    for k, im in enumerate(imgs):
+        for kind in kinds:
+            if kind != "easy-vqa":
+                for q, a in vqa_data.derived_questions(im, kind):
+                    add(k, q, a)
+    for q, a, i in zip(qs, ans, ids):
+        if "easy-vqa" not in kinds:
+            break
+        if i not in index or i not in cls_of:
+            continue  # VQA targets need the image's color + shape (see format_answer)
+        add(index[i], q, format_answer(q, COLORS[cls_of[i] // len(SHAPES)], SHAPES[cls_of[i] % len(SHAPES)], a))
     return pix, plab, per_image, int((classes >= 0).sum()), torch.tensor([prefix])
 
 
@@ -450,10 +468,12 @@ def locality_check(model, processor, items, seed=0):
 
 
 def by_type(items, preds):
-    """Accuracy per question type: color / shape / yes-no."""
+    """Accuracy per question type: color / shape / yes-no (+ the derived kinds: position, size)."""
     acc = {}
     for (_, q, a), p in zip(items, preds):
-        k = "color" if a in COLORS else "shape" if a in SHAPES else "yes/no"
+        k = vqa_data.kind_of(q)
+        if k == "easy-vqa":
+            k = "color" if a in COLORS else "shape" if a in SHAPES else "yes/no"
         c, n = acc.get(k, (0, 0))
         acc[k] = (c + (p == a), n + 1)
     return ", ".join(f"{k} {100 * c / n:.1f}% (n={n})" for k, (c, n) in sorted(acc.items()))
@@ -468,6 +488,19 @@ def write_model_card(out, model, processor, m):
     pv = sum(p.numel() for p in model.model.vision_tower.parameters())
     pp = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
     pt = m["params"] - pv - pp
+    kinds_note = ""
+    if m["args"]["kinds"] != ["easy-vqa"]:
+        lo, hi = vqa_data.size_thresholds()
+        kinds_note = f"""
+
+**Question kinds: {", ".join(m["args"]["kinds"])}** (`vqa_data.easy_vqa_items(..., kinds=...)`), trained and
+evaluated on. Besides the package's questions (chance above is for those only) the model answers questions
+derived from each image's object mask (`vqa_data.derived_questions`), one bare word each (chance 50%):
+"is the shape on the left or on the right?" / "is the shape at the top or at the bottom?" (mask
+centroid; none within {vqa_data.POSITION_MARGIN:g} px of the middle line) and "is the shape small or large?" (object
+area below {lo:g} / above {hi:g} pixels, the terciles of the train images; the middle third gets no question).
+They need where the object's tokens sit and how many there are, not only what one of them shows.
+Horizontal-flip augmentation in stage 2: {"on" if m["args"]["hflip"] else "off (it would swap left and right)"}."""
     card = f"""# tiny-llava
 
 A small LLaVA trained from scratch on CPU on the easy-vqa data that the `easy-vqa` PyPI package
@@ -569,7 +602,7 @@ greedy `model.generate` (`max_new_tokens=6`) through `LlavaProcessor` with left 
 
 By question type: {m["by_type"]}.
 
-Chance level is about 43% (yes/no questions are 74% of the test split).
+Chance level is about 43% (yes/no questions are 74% of the test split).{kinds_note}
 
 **Where the information sits** (`easy_vqa_items("test", limit=1000, seed=0)`, {m["locality"]["n"]} questions; visual tokens
 hidden from the decoder by zeroing their attention-mask entries, which `generate` also turns into
@@ -622,7 +655,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--out", default=OUT_DIR)
+    ap.add_argument("--kinds", nargs="+", default=["easy-vqa"], choices=vqa_data.KINDS,
+                    help="question kinds to train and evaluate on (vqa_data.easy_vqa_items); the derived "
+                         "position / size questions need the layout of the visual tokens. Default: easy-vqa")
     args = ap.parse_args()
+    args.kinds = list(vqa_data._check_kinds(args.kinds))
+    if "position" in args.kinds and args.hflip:
+        print("--kinds position: horizontal flips would swap left/right answers; training without them")
+        args.hflip = False
 
     t0 = time.time()
     torch.set_num_threads(args.threads)
@@ -635,12 +675,12 @@ def main():
     import easy_vqa
 
     tq, ta, _ = easy_vqa.get_train_questions()
-    processor = build_processor(tq, ta)
+    processor = build_processor(tq, ta, derived_texts(args.kinds))
     tok = processor.tokenizer
     model = build_model(tok, args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(tok)}, image token id {model.config.image_token_id}, params {n_params / 1e6:.2f}M")
-    pix, plab, per_image, n_labeled, prefix_ids = load_train(processor, args.limit_images)
+    pix, plab, per_image, n_labeled, prefix_ids = load_train(processor, args.limit_images, args.kinds)
     n_q = sum(len(p) for p in per_image)
     print(f"train: {len(per_image)} images ({n_labeled} with a color+shape label), {n_q} questions, "
           f"cached in {time.time() - t0:.1f}s")
@@ -669,7 +709,7 @@ def main():
 
     model.eval()
     t_eval = time.time()
-    items = easy_vqa_items("test", limit=args.eval_limit, seed=0)
+    items = easy_vqa_items("test", limit=args.eval_limit, seed=0, kinds=args.kinds)
     acc, preds = vqa_accuracy(model, processor, items, batch_size=args.eval_batch, return_predictions=True,
                               progress=True, mininterval=10)
     eval_s = time.time() - t_eval
@@ -684,8 +724,10 @@ def main():
     exe = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO) else "python"
     metrics = {
         "test_accuracy": acc, "test_questions": len(items), "by_type": by_type(items, preds),
-        "eval_split": ("the full easy-vqa test split" if args.eval_limit is None
-                       else f"easy_vqa_items('test', limit={args.eval_limit}, seed=0)"),
+        "eval_split": (("the full easy-vqa test split" if args.eval_limit is None
+                        else f"easy_vqa_items('test', limit={args.eval_limit}, seed=0)") if args.kinds == ["easy-vqa"]
+                       else f"easy_vqa_items('test', limit={args.eval_limit}, seed=0, kinds={tuple(args.kinds)})"),
+        "kinds": args.kinds,
         "stage1_seconds": round(t_stage1, 1), "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
         "stage1_steps": steps1, "steps": steps2, "train_questions": n_q, "train_images": len(per_image),
         "vqa_train_images": sum(1 for q in per_image if q),

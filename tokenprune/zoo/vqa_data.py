@@ -5,7 +5,9 @@ questions such as "what color is the shape?" or "is there a red circle?" and one
 answers (13 possible: 8 colors, 3 shapes, yes, no). Splits: train 38,575 questions on
 4,000 images, test 9,673 questions on 1,000 images. Nothing is downloaded.
 
-* :func:`easy_vqa_items` returns ``(PIL image, question, answer)`` triples.
+* :func:`easy_vqa_items` returns ``(PIL image, question, answer)`` triples; with ``kinds`` it adds
+  questions derived from each image's object mask (position, size) that need the layout of the
+  visual tokens, not only the few the object covers.
 * :func:`build_prompt` is the exact prompt format ``tiny-llava`` was trained with.
 * ``tiny-llava`` reasons in a few generated words before the answer word, :func:`format_answer`:
   "what color is the shape?" -> ``"red"``; "is there a blue shape?" -> ``"blue red . no"``
@@ -88,20 +90,125 @@ def _image(path: str):
         return im.convert("RGB")
 
 
-def easy_vqa_items(split: str = "test", limit: int | None = None, seed: int = 0) -> list[tuple]:
+def easy_vqa_items(split: str = "test", limit: int | None = None, seed: int = 0,
+                   kinds=("easy-vqa",)) -> list[tuple]:
     """easy-vqa ``(image, question, answer)`` triples (image: 64x64 RGB ``PIL.Image``).
 
     With ``limit=None`` all questions of the split are returned in the package's order
     (test: 9,673). With ``limit=n`` a fixed subset is returned: the first ``n`` questions
     after a shuffle with ``random.Random(seed)`` (so a small subset still mixes images and
     question types; same ``(limit, seed)`` -> same items). Images are cached and shared.
+
+    ``kinds`` picks question kinds from :data:`KINDS`: ``"easy-vqa"`` (the package's own
+    questions; the default, and alone exactly the items above), ``"position"`` and ``"size"``
+    (derived from each image's object mask, see :func:`derived_questions`). Several kinds: the
+    package's questions in its order, then the derived ones image by image (sorted image ids),
+    then the same seeded shuffle and cut. Test images are never in the train split.
     """
+    kinds = _check_kinds(kinds)
     (questions, answers, image_ids), paths = _split(split)
-    order = list(range(len(questions)))
+    if kinds == ("easy-vqa",):
+        order = list(range(len(questions)))
+        if limit is not None:
+            random.Random(seed).shuffle(order)
+            order = order[:limit]
+        return [(_image(paths[image_ids[i]]), questions[i], answers[i]) for i in order]
+    triples = []  # (image path, question, answer)
+    if "easy-vqa" in kinds:
+        triples += [(paths[i], q, a) for q, a, i in zip(questions, answers, image_ids)]
+    derived = [k for k in kinds if k != "easy-vqa"]
+    if derived:
+        for i in sorted(paths):
+            for kind in derived:
+                triples += [(paths[i], q, a) for q, a in derived_questions(_image(paths[i]), kind)]
     if limit is not None:
-        random.Random(seed).shuffle(order)
-        order = order[:limit]
-    return [(_image(paths[image_ids[i]]), questions[i], answers[i]) for i in order]
+        random.Random(seed).shuffle(triples)
+        triples = triples[:limit]
+    return [(_image(path), q, a) for path, q, a in triples]
+
+
+# ---- questions derived from the image itself ---------------------------------------------------
+# The package's questions are answered by the few tokens the object covers. These need the
+# layout: where the object's tokens sit in the grid, and how many there are.
+
+#: Question kinds of :func:`easy_vqa_items`, in the order their items are listed.
+KINDS = ("easy-vqa", "position", "size")
+#: Derived questions per kind: (question, the two answers it chooses between).
+DERIVED_QUESTIONS = {
+    "position": [("is the shape on the left or on the right?", ("left", "right")),
+                 ("is the shape at the top or at the bottom?", ("top", "bottom"))],
+    "size": [("is the shape small or large?", ("small", "large"))],
+}
+#: Objects whose centroid is closer than this (pixels) to the image's middle line get no
+#: left/right (or top/bottom) question: their side is ambiguous.
+POSITION_MARGIN = 4.0
+
+
+def _check_kinds(kinds) -> tuple:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"unknown question kinds {bad or kinds!r}; choose from {', '.join(KINDS)}")
+    return tuple(k for k in KINDS if k in kinds)  # canonical order, duplicates dropped
+
+
+def object_mask(image, threshold: int = 40):
+    """Boolean ``[H, W]`` object pixels: they differ from the flat background (the corner pixel)
+    by more than ``threshold`` in some channel (as :func:`object_patches`)."""
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return np.abs(a - a[:1, :1]).max(-1) > threshold
+
+
+@lru_cache(maxsize=1)
+def size_thresholds() -> tuple[float, float]:
+    """Object areas (pixels) below the first / above the second tercile of the *train* images:
+    "small" / "large"; objects in between get no size question, so the two answers are balanced
+    and never decided by a few pixels. The same thresholds serve both splits."""
+    import numpy as np
+    from PIL import Image
+
+    paths = _split("train")[1]
+    areas = []
+    for i in sorted(paths):
+        with Image.open(paths[i]) as im:
+            areas.append(int(object_mask(im).sum()))
+    lo, hi = np.quantile(np.asarray(areas, dtype=np.float64), [1 / 3, 2 / 3])
+    return float(lo), float(hi)
+
+
+def derived_questions(image, kind: str) -> list[tuple[str, str]]:
+    """``(question, answer)`` pairs of one ``kind`` ("position" or "size") for one image, from
+    its object mask: left/right and top/bottom of the mask centroid (none within
+    :data:`POSITION_MARGIN` of the middle), small/large from the area (:func:`size_thresholds`)."""
+    import numpy as np
+
+    fg = object_mask(image)
+    if not fg.any():
+        return []
+    if kind == "position":
+        ys, xs = np.nonzero(fg)
+        out = []
+        for (q, (first, second)), c, mid in zip(DERIVED_QUESTIONS["position"], (xs.mean(), ys.mean()),
+                                                (fg.shape[1] / 2, fg.shape[0] / 2)):
+            if abs(c - mid) >= POSITION_MARGIN:
+                out.append((q, first if c < mid else second))
+        return out
+    if kind == "size":
+        lo, hi = size_thresholds()
+        area = fg.sum()
+        (q, (small, large)), = DERIVED_QUESTIONS["size"]
+        return [(q, small)] if area < lo else [(q, large)] if area > hi else []
+    raise ValueError(f"no derived questions of kind {kind!r}; choose from {', '.join(DERIVED_QUESTIONS)}")
+
+
+def kind_of(question: str) -> str:
+    """The kind of a question of :func:`easy_vqa_items` ("easy-vqa", "position" or "size")."""
+    for kind, qs in DERIVED_QUESTIONS.items():
+        if any(question == q for q, _ in qs):
+            return kind
+    return "easy-vqa"
 
 
 def object_patches(image, patch_size: int = 8, threshold: int = 40):
