@@ -45,6 +45,18 @@ def check_llava(out):
     return model(**x).logits
 
 
+def check_llava_kinds(out):
+    import json
+
+    from tokenprune.zoo.llava import load_tiny_llava
+
+    vocab = load_tiny_llava(path=str(out))[1].tokenizer.get_vocab()
+    assert {"left", "right", "top", "bottom", "small", "large"} <= set(vocab)
+    by_type = json.loads((out / "training_metrics.json").read_text())["by_type"]
+    assert "position" in by_type and "size" in by_type and "yes/no" in by_type
+    return check_llava(out)
+
+
 def check_t2i(out):
     from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 
@@ -82,6 +94,11 @@ SCRIPTS = [  # script, smallest flags (~2 optimisation steps each), loader check
                                          "--images-per-batch", "4", "--limit-images", "8", "--eval-limit", "8",
                                          "--vision-layers", "1", "--text-layers", "1"], check_llava,
                  marks=no_easy_vqa, id="llava"),
+    pytest.param("train_tiny_llava.py", ["--vision-epochs", "1", "--vision-batch", "4", "--epochs", "1",
+                                         "--images-per-batch", "4", "--limit-images", "8", "--eval-limit", "8",
+                                         "--vision-layers", "1", "--text-layers", "1",
+                                         "--kinds", "easy-vqa", "position", "size"], check_llava_kinds,
+                 marks=no_easy_vqa, id="llava-kinds"),
     pytest.param("train_tiny_t2i.py", ["--steps", "2", "--batch", "8", "--judge-epochs", "1", "--eval-n", "24",
                                        "--eval-steps", "1", "--eval-guidance", "1.0"], check_t2i,
                  marks=no_easy_vqa, id="t2i"),
