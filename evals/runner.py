@@ -234,11 +234,13 @@ def attach(task: Task, pruner):
 # ---- the grid ----------------------------------------------------------------------------
 def run_grid(tasks, methods=("fastv", "random"), budgets=(0.75, 0.5, 0.25), out: str | None = None,
              repeats: int = 3, memory: bool = True, progress: bool = True, limit: int | None = None,
-             seed: int = 0, device=None, log=None, meta: dict | None = None) -> list[dict]:
+             seed: int = 0, device=None, log=None, meta: dict | None = None,
+             task_options: dict | None = None) -> list[dict]:
     """Run dense + every (method, budget) on every task; returns the rows (and writes them to ``out``).
 
     ``tasks``: :class:`~tokenprune.evals.tasks.Task` objects or zoo model names (built with
-    ``limit``, ``seed``, ``device``). ``methods``: names or ``"name:key=value,..."`` specs.
+    ``limit``, ``seed``, ``device`` and ``task_options[name]``, e.g. ``{"tiny-llava": {"kinds":
+    ["size"]}}``). ``methods``: names or ``"name:key=value,..."`` specs.
     A method the engine cannot attach (``UnsupportedModelError``) gives a ``skipped`` row, an
     invalid config or input (``TokenPruneError``) an ``error`` row, a missing model an
     ``unavailable`` row; the grid goes on. Other exceptions are bugs and propagate (rows so far
@@ -249,7 +251,9 @@ def run_grid(tasks, methods=("fastv", "random"), budgets=(0.75, 0.5, 0.25), out:
     log = log or (lambda msg: tqdm.write(msg) if progress else print(msg, flush=True))
     specs = [MethodSpec.parse(m) for m in methods]
     budgets = [float(b) for b in budgets]
-    tasks = [t if isinstance(t, Task) else make_task(t, limit=limit, seed=seed, device=device, progress=progress)
+    task_options = task_options or {}
+    tasks = [t if isinstance(t, Task) else make_task(t, limit=limit, seed=seed, device=device, progress=progress,
+                                                     **task_options.get(t, {}))
              for t in tasks]
     rows: list[dict] = []
     started = time.time()
@@ -504,6 +508,8 @@ examples:
   tokenprune eval --model smollm2-135m --methods fastv random --budgets 0.75 0.5 0.25 \\
                   --limit 8 --threads 1 --out results/smollm2
   tokenprune eval --model tiny-vit tiny-clip --methods zero-tprune tome random --budgets 0.5 0.25
+  tokenprune eval --model tiny-llava --kinds position size --weights DIR --methods random visionzip \\
+                  --budgets 0.1 0.05
   tokenprune eval --list
 """
 
@@ -530,6 +536,11 @@ def build_parser(prog: str = "tokenprune eval") -> argparse.ArgumentParser:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--list", action="store_true", help="list models (with availability) and methods, then exit")
+    ap.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                    help="tiny-llava only: question kinds (easy-vqa, position, size; default easy-vqa), "
+                         "see tokenprune.zoo.vqa_data.easy_vqa_items")
+    ap.add_argument("--weights", default=None, metavar="DIR",
+                    help="tiny-llava only: load the model from this folder instead of the shipped weights")
     return ap
 
 
@@ -560,6 +571,15 @@ def main(argv=None, prog: str = "tokenprune eval"):
     for b in args.budgets:
         if not 0.0 <= b <= 1.0:
             build_parser(prog).error(f"budgets must be in [0, 1], got {b}")
+    llava = {k: v for k, v in (("kinds", args.kinds), ("weights", args.weights)) if v}
+    if llava and args.models != ["tiny-llava"]:
+        build_parser(prog).error("--kinds / --weights apply to --model tiny-llava alone")
+    if args.kinds:
+        from ..zoo.vqa_data import KINDS
+
+        bad = [k for k in args.kinds if k not in KINDS]
+        if bad:
+            build_parser(prog).error(f"unknown --kinds {bad}; choose from {', '.join(KINDS)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -568,7 +588,7 @@ def main(argv=None, prog: str = "tokenprune eval"):
     t0 = time.perf_counter()
     rows = run_grid(args.models, args.methods, args.budgets, out=out, repeats=args.repeats,
                     memory=not args.no_memory, progress=not args.no_progress, limit=args.limit, seed=args.seed,
-                    device=device, meta=meta)
+                    device=device, meta=meta, task_options={"tiny-llava": llava} if llava else None)
     print()
     print(markdown_table(rows))
     print(f"\nwrote {out}/results.json, results.csv, accuracy_vs_flops.png in {time.perf_counter() - t0:.0f} s")

@@ -452,7 +452,11 @@ class VQATask(Task):
     from the model's generation config unless given; the answer is the last generated word).
     Pruners default to the visual segment (e.g. FastV's original setting). Fidelity: agreement
     of the answers with the dense model's (no vectors). FLOPs: the language model's decoder layers
-    (analytic); ``flops_counted`` includes the vision tower and projector."""
+    (analytic); ``flops_counted`` includes the vision tower and projector.
+
+    ``kinds``: question kinds of ``vqa_data.easy_vqa_items`` (default: the package's easy-vqa
+    questions only); ``weights``: a tiny-llava folder to load instead of the shipped one (e.g. a
+    model retrained with ``train_tiny_llava.py --kinds ...``)."""
 
     task = "vqa"
     metric = "vqa_accuracy"
@@ -460,9 +464,11 @@ class VQATask(Task):
     default_limit = 128
 
     def __init__(self, name: str = "tiny-llava", model=None, processor=None, items=None, batch_size: int = 32,
-                 max_new_tokens: int | None = None, pruning_layer: int | None = None, **kw):
+                 max_new_tokens: int | None = None, pruning_layer: int | None = None, kinds=None,
+                 weights: str | None = None, **kw):
         super().__init__(name, **kw)
         self.model, self.processor, self.items = model, processor, items
+        self.kinds, self.weights = (tuple(kinds) if kinds else None), weights
         self.batch_size, self.max_new_tokens = int(batch_size), max_new_tokens
         self.pruning_layer = pruning_layer
         self._ready = False
@@ -471,7 +477,7 @@ class VQATask(Task):
         if self._ready:
             return
         if self.model is None:
-            self.model, self.processor = zoo_load(self.name)
+            self.model, self.processor = zoo_load(self.name, **({"path": self.weights} if self.weights else {}))
         self.model.to(self.device).eval()
         try:
             from ..zoo import vqa_data
@@ -480,7 +486,8 @@ class VQATask(Task):
         self._vqa = vqa_data
         if self.items is None:
             try:
-                self.items = vqa_data.easy_vqa_items("test", limit=self.limit, seed=self.seed)
+                kinds = {"kinds": self.kinds} if self.kinds else {}
+                self.items = vqa_data.easy_vqa_items("test", limit=self.limit, seed=self.seed, **kinds)
             except (TokenPruneError, ImportError, OSError) as e:
                 raise TaskUnavailable(f"{self.name}: {e}") from e
         self.items = list(self.items)[: self.limit]
@@ -511,7 +518,8 @@ class VQATask(Task):
         return lambda: self._answer(chunk)
 
     def describe(self):
-        return {**super().describe(), "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens}
+        extra = {k: v for k, v in (("kinds", self.kinds), ("weights", self.weights)) if v}
+        return {**super().describe(), "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, **extra}
 
 
 # ---- text to image -----------------------------------------------------------------------

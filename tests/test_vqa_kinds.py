@@ -88,3 +88,29 @@ def test_training_vocabulary_covers_the_derived_kinds():
             ids = tok(vqa_data.build_prompt(q) + " " + " ".join(answers))["input_ids"]
             assert tok.unk_token_id not in ids
             assert tok.unk_token_id in default(q)["input_ids"] or set(answers) - set(default.get_vocab())
+
+
+def test_vqa_task_and_eval_cli_take_kinds_and_weights(tmp_path):
+    import json
+
+    from tokenprune.evals import runner
+    from tokenprune.evals.tasks import VQATask
+
+    weights = REPO / "tokenprune" / "zoo" / "weights" / "tiny-llava"
+    if not (weights / "model.safetensors").is_file():
+        pytest.skip("tiny-llava weights not trained")
+    task = VQATask(limit=6, kinds=["size"], weights=str(weights), progress=False)
+    task.setup()
+    assert len(task.items) == 6 and {vqa_data.kind_of(q) for _, q, _ in task.items} == {"size"}
+    assert task.describe()["kinds"] == ("size",)
+    assert VQATask(limit=6, progress=False).describe().get("kinds") is None  # default: today's task
+
+    out = tmp_path / "eval"
+    runner.main(["--model", "tiny-llava", "--kinds", "position", "--weights", str(weights), "--methods", "random",
+                 "--budgets", "0.5", "--limit", "4", "--repeats", "0", "--no-memory", "--no-progress", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["dense", "random"] and res["rows"][0]["n_items"] == 4
+    assert res["meta"]["tasks"][0]["kinds"] == ["position"]
+    for bad in (["--model", "tiny-vit", "--kinds", "size"], ["--model", "tiny-llava", "--kinds", "colour"]):
+        with pytest.raises(SystemExit):
+            runner.main(bad)
