@@ -30,6 +30,12 @@ COMMON = dict(in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280,
               norm_num_groups=32, sample_size=64)
 
 
+def git_commit():
+    from .tomesd_compare import git_commit
+
+    return git_commit()
+
+
 def build_unet(shape: str):
     from diffusers import UNet2DConditionModel
 
@@ -135,7 +141,7 @@ def main(argv=None):
     meta = dict(command="flock /tmp/tp-heavy.lock .venv/bin/python -m tokenprune.evals.bench_unet "
                 + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                 shape=args.shape, unet_config={**COMMON, **SHAPES[args.shape]}, latent=args.latent, batch_rows=2,
-                threads=args.threads, repeats=args.repeats, weights="random (torch.manual_seed(0))",
+                threads=args.threads, repeats=args.repeats, weights="random (torch.manual_seed(0))", commit=git_commit(),
                 torch=torch.__version__,
                 note="CPU wall-clock on a shared 2-core machine; other developers' tests may have run at the same time")
     if args.json:

@@ -36,6 +36,18 @@ def tomesd_patch(pipe, ratio: float, max_downsample: int, seed: int):
         tomesd.remove_patch(pipe)
 
 
+def git_commit() -> str | None:
+    """The repo commit the numbers come from (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
 def configs(pipe, ratios, max_downsample, seed):
     import tokenprune as tp
 
@@ -162,7 +174,7 @@ def main(argv=None):
     meta = dict(command="flock /tmp/tp-heavy.lock .venv/bin/python -m tokenprune.evals.tomesd_compare " + " ".join(sys.argv[1:]),
                 model="tiny-t2i", steps=steps, guidance=guidance, limit=args.limit, timing_prompts=args.timing_prompts,
                 repeats=args.repeats, max_downsample=args.max_downsample, seed=args.seed, threads=args.threads,
-                torch=torch.__version__, tomesd=getattr(tomesd, "__version__", "0.1.3"),
+                commit=git_commit(), torch=torch.__version__, tomesd=getattr(tomesd, "__version__", "0.1.3"),
                 elapsed_s=round(time.time() - started, 1),
                 note="wall-clock on a shared 2-core CPU; other developers' tests may have run at the same time")
     (out / "tomesd_compare.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
