@@ -42,13 +42,15 @@ def destination_mask(h: int, w: int, sx: int, sy: int, generator: torch.Generato
 def merge_into_destinations(metric: torch.Tensor, dst: torch.Tensor, r: int) -> Merge:
     """Merge the ``r`` sources most similar to a destination, per row of ``metric`` (B, N, C)."""
     B, N, _ = metric.shape
+    dev = metric.device
     x = torch.nn.functional.normalize(metric.float(), dim=-1)
-    dst_slots = dst.nonzero().flatten().to(metric.device)
-    best, target = (x @ x[:, dst_slots].transpose(-1, -2)).max(dim=-1)  # (B, N)
-    src = (~dst).to(metric.device).expand(B, N)
-    r = min(r, int(src[0].sum()))
-    merged = top_k_mask(best, src, count=torch.full((B,), r, device=metric.device))
-    return Merge(keep=~merged, dst=torch.where(merged, dst_slots[target], -1))
+    dst_slots, src_slots = dst.nonzero().flatten().to(dev), (~dst).nonzero().flatten().to(dev)
+    sim, target = (x[:, src_slots] @ x[:, dst_slots].transpose(-1, -2)).max(dim=-1)  # sources only
+    best = torch.full((B, N), float("-inf"), device=dev).index_copy_(1, src_slots, sim)
+    into = torch.full((B, N), -1, dtype=torch.long, device=dev).index_copy_(1, src_slots, dst_slots[target])
+    src = (~dst).to(dev).expand(B, N)
+    merged = top_k_mask(best, src, count=torch.full((B,), min(r, len(src_slots)), device=dev))
+    return Merge(keep=~merged, dst=torch.where(merged, into, -1))
 
 
 @register_pruner("tome-sd")
