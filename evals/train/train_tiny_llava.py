@@ -9,6 +9,11 @@ from config objects with random init, and the data comes from the ``easy-vqa`` P
 The result (safetensors model + tokenizer + processor + model card) is written to
 ``tokenprune/zoo/weights/tiny-llava/`` and loaded by ``tp.zoo.load("tiny-llava")``.
 
+``--kinds easy-vqa position size --out DIR`` also trains on questions derived from each image's
+object mask (``vqa_data.derived_questions``: left/right, top/bottom, small/large), a harder
+pruning testbed: their answers need where the object's tokens are and how many, which keeping a
+few salient tokens does not give. The default (easy-vqa alone) reproduces the shipped model.
+
 Model: ``LlavaForConditionalGeneration``. Images are 64x64, the CLIP vision tower uses 8x8
 patches -> 64 patch tokens (+ CLS, dropped by ``vision_feature_select_strategy="default"``),
 so each ``<image>`` in the prompt is expanded by ``LlavaProcessor`` into 64 ``<image>`` tokens
