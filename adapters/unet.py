@@ -188,9 +188,7 @@ class UNetAdapter(HookedAdapter):
             if plan is not None:
                 for part in plan.parts:
                     counts[part] = plan.slots.shape[1]
-            if not stats.dense_tokens:
-                stats.dense_tokens = [N] * B
-            stats.dense_tokens = [max(d, N) for d in stats.dense_tokens]
+            stats.dense_tokens = [max(d, N) for d in stats.dense_tokens or [N] * B]  # the largest map
             stats.tokens_per_layer.append([counts["attn1"]] * B)
             stats.flops += B * self.costs[i](counts, context)
             stats.dense_flops += B * self.costs[i](dict.fromkeys(PARTS, N), context)
