@@ -23,6 +23,7 @@ candidates) merge per layer, as in ToMe.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -60,6 +61,8 @@ class ToMe(SegmentDropPruner):
     ``inside_block``: merge between attention and MLP of each listed block (ToMe's placement;
     ``layer`` may then start at 0), else before the listed layer from the previous layer's keys.
     """
+
+    default_target: ClassVar[str] = "vision"  # on an LVLM: the vision tower (a ViT method)
 
     segment: str = "visual"
     protect_first: int = 0

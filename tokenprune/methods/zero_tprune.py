@@ -34,6 +34,7 @@ cannot, so the asked count is always reached.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -107,6 +108,8 @@ class ZeroTPrune(SegmentDropPruner):
     ``head_combine``: "rms" or "mean". ``recompute``: the I-stage re-runs PageRank on the
     survivors of S.
     """
+
+    default_target: ClassVar[str] = "vision"  # on an LVLM: the vision tower (a ViT method)
 
     segment: str = "visual"
     protect_first: int = 0
