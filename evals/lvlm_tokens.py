@@ -96,6 +96,7 @@ def run(methods, budget: float, n_images: int, out: str, seed: int = 0):
                             [sr * patch + patch / 2, dr * patch + patch / 2], color="magenta", lw=0.5, alpha=0.6)
                 for tr, tc in zip(*targets.nonzero()):
                     ax.add_patch(plt.Rectangle((tc * patch, tr * patch), patch, patch, fill=False, ec="magenta", lw=1))
+                ax.set_xlim(-0.5, img.shape[1] - 0.5), ax.set_ylim(img.shape[0] - 0.5, -0.5)
             if r == 0:
                 ax.set_title(spec.label, fontsize=7)
             if c == 0:
