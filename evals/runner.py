@@ -39,7 +39,9 @@ from .tasks import TASKS, EvalOutput, Task, TaskUnavailable, make_task
 
 #: Which config field a budget sets, per method. Methods not listed here get the first of
 #: :data:`BUDGET_FIELD_FALLBACK` their config has.
-BUDGET_FIELDS = {"fastv": "keep_ratio", "random": "keep_ratio"}
+BUDGET_FIELDS = {"fastv": "keep_ratio", "random": "keep_ratio", "tome-sd": "ratio"}
+#: Methods whose budget field is the share REMOVED (tomesd's merge ``ratio``): set to 1 - budget.
+BUDGET_REMOVED = {"tome-sd"}
 BUDGET_FIELD_FALLBACK = ("keep_ratio", "budget", "flops_budget", "target_ratio")
 
 
@@ -108,7 +110,8 @@ def budget_field(method: str) -> str:
 
 def method_config(task: Task, spec: MethodSpec, budget: float) -> dict:
     """Config of one grid cell: the task's defaults for the method, the spec's overrides, the budget."""
-    return {**task.method_defaults(spec.name), **spec.overrides, budget_field(spec.name): budget}
+    value = 1 - budget if spec.name in BUDGET_REMOVED else budget
+    return {**task.method_defaults(spec.name), **spec.overrides, budget_field(spec.name): value}
 
 
 # ---- one measurement ---------------------------------------------------------------------
@@ -555,7 +558,7 @@ def _list() -> None:
         print(f"  {name:<14} {t.task:<26} {t.metric:<22} {status}")
     print("methods (budget field):")
     for m in list_pruners():
-        print(f"  {m:<14} {budget_field(m)}")
+        print(f"  {m:<14} {budget_field(m)}" + (" (1 - budget: the share merged)" if m in BUDGET_REMOVED else ""))
 
 
 def main(argv=None, prog: str = "tokenprune eval"):

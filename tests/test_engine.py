@@ -1,4 +1,7 @@
 """The engine's parts on their own: reductions, token state, attention scores, stats."""
+import dataclasses
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -59,9 +62,13 @@ def test_noop_detection_ignores_padding():
 
 def test_pruner_round_trip_and_registry():
     for name in tp.list_pruners():
-        p = tp.build_pruner(name, layer=3, keep_ratio=0.25)
-        assert tp.build_pruner(**p.to_dict()) == p
-        assert p.to_dict()["name"] == name
+        configs = [{}]  # every method builds from its defaults
+        if {"layer", "keep_ratio"} <= {f.name for f in dataclasses.fields(tp.pruner._REGISTRY[name])}:
+            configs.append(dict(layer=3, keep_ratio=0.25))
+        for config in configs:
+            p = tp.build_pruner(name, **config)
+            assert tp.build_pruner(**json.loads(json.dumps(p.to_dict()))) == p
+            assert p.to_dict()["name"] == name
     assert tp.FastV(layer=2, keep_ratio=0.5) == tp.build_pruner("fastv", layer=2, keep_ratio=0.5)
 
 
