@@ -78,6 +78,8 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, visible: tor
     scores = (q.float() * scale).contiguous() @ k.float().contiguous().transpose(-1, -2)
     if bias is not None:
         scores += bias
-    if not bool(visible.all()):
-        scores.masked_fill_(~visible, float("-inf"))
-    return scores.softmax(dim=-1)
+    if bool(visible.all()):
+        return scores.softmax(dim=-1)
+    scores.masked_fill_(~visible, float("-inf"))
+    # a query that sees no key (a padding row) attends to nothing, rather than giving NaN
+    return scores.softmax(dim=-1).masked_fill_(~visible.any(-1, keepdim=True), 0.0)

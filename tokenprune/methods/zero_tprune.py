@@ -165,7 +165,9 @@ class ZeroTPrune(SegmentDropPruner):
         remove_i = (remove.double() * self.importance_share + 0.5).floor().long()
         steps = self.steps(state.layer, state.num_layers)
         attn = state.attention()  # (B, H, n, n)
-        rank = self.importance(state, attn, state.valid, candidates, steps)  # I': ranking only
+        # the graph holds the prompt only: tokens generated after it (a cache-free recompute) must not vote
+        prompt = state.content()
+        rank = self.importance(state, attn, prompt, candidates, steps)  # I': ranking only
 
         # S: B (less important half) tokens most similar to an A token are removed
         order = rank.masked_fill(~candidates, float("-inf")).argsort(dim=1, descending=True, stable=True)
@@ -181,7 +183,7 @@ class ZeroTPrune(SegmentDropPruner):
         similar = torch.zeros_like(candidates).scatter(1, b_slots, top_k_mask(sim, b_ok, count=remove_s))
 
         # I: importance recomputed on the survivors; the least important go
-        alive = state.valid & ~similar
+        alive = prompt & ~similar
         if self.recompute and bool((remove > remove_s).any()):
             rank = self.importance(state, attn, alive, candidates & alive, steps)
         left = candidates & alive
