@@ -52,9 +52,10 @@ class LVLMAdapter(HookedAdapter):
         self.inner, self.config = find_lvlm(model)
         vision = [p for p in pruners if p.resolved_target() == "vision"]
         language = [p for p in pruners if p.resolved_target() == "language"]
+        self.vision = find_tower(self.inner.vision_tower)  # its blocks, and how to read q / k from one
         self.tower = None
         if vision:
-            if find_tower(self.inner.vision_tower) is None:
+            if self.vision is None:
                 raise UnsupportedModelError(
                     f"{type(self.inner.vision_tower).__name__} vision towers cannot be pruned yet "
                     f"({', '.join(p.name for p in vision)} target the vision tower)")
@@ -79,11 +80,10 @@ class LVLMAdapter(HookedAdapter):
         # The tower may run outside the model's forward (generate encodes images first), so what
         # tower-guided methods read is stashed per thread when it runs and dropped when a call ends.
         self.hook(self.inner.vision_tower.register_forward_pre_hook(self._stash_pixels, with_kwargs=True))
-        layers = tower_layers(self.inner.vision_tower)
-        if layers is not None:
+        if self.vision is not None:
             # hidden_states[f] is the output of block f - 1 (f > 0) or of block L + f (f < 0)
-            f = self.feature_layer
-            block = layers[f - 1 if f > 0 else len(layers) + f]
+            f, blocks = self.feature_layer, self.vision.blocks
+            block = blocks[f - 1 if f > 0 else len(blocks) + f]
             self.hook(block.register_forward_pre_hook(self._stash_feature_input, with_kwargs=True))
         self.decoder.attach()
         if self.tower is not None:
@@ -123,12 +123,10 @@ class LVLMAdapter(HookedAdapter):
             segments = torch.where(visual, int(Segment.VISUAL), int(Segment.TEXT))
             if mask is not None and mask.dim() == 2:
                 segments = segments.masked_fill(~mask.bool(), int(Segment.PAD))
-        self.call = True
         self.decoder._local.segments = segments
         self.decoder.token_info = self._token_info(visual) if bool(visual.any()) else {}
 
     def _close_call(self, module, args, output):
-        self.call = None
         self._local.pixels = self._local.feature_input = None
         self.decoder._local.segments = None
         self.decoder.token_info = None
@@ -153,11 +151,18 @@ class LVLMAdapter(HookedAdapter):
         row = torch.where(present, patch // self.grid, -1)
         col = torch.where(present, patch % self.grid, -1)
         where = (image.clamp_min(0), patch.clamp_min(0), present)
+        tower = {}  # both tower facts come from one projection of the feature layer's input
+
+        def tower_fact(name):
+            if not tower:
+                tower.update(self._tower_facts(*where))
+            return tower[name]
+
         return {
             "image": image, "row": row, "col": col,
             "patch_pixels": lambda: self._patch_pixels(*where),
-            "vision_cls_attention": lambda: self._tower_fact("attention", *where),
-            "vision_keys": lambda: self._tower_fact("keys", *where),
+            "vision_cls_attention": lambda: tower_fact("vision_cls_attention"),
+            "vision_keys": lambda: tower_fact("vision_keys"),
         }
 
     def _stashed(self, name: str, image: torch.Tensor) -> tuple:
@@ -196,30 +201,22 @@ class LVLMAdapter(HookedAdapter):
     def _stash_feature_input(self, module, args, kwargs):
         self._local.feature_input = (module, args[0] if args else kwargs.get("hidden_states"))
 
-    def _tower_fact(self, what: str, image, patch, present):
+    def _tower_facts(self, image, patch, present) -> dict:
+        """(B, N) CLS -> patch attention (head mean) and (B, N, D) keys of the tower's feature layer."""
         (block, hidden), image = self._stashed("feature_input", image)
-        if hidden.shape[1] != self.grid * self.grid + 1:
+        prefix = self.vision.prefix
+        if hidden.shape[1] != self.grid * self.grid + prefix:
             raise TokenPruneError("vision-tower attention is unavailable: the tower was pruned before LLaVA's feature layer")
-        attn = block.self_attn
-        x = block.layer_norm1(hidden)
-        I, n, D = x.shape
-        heads = attn.num_heads
-        k = attn.k_proj(x).view(I, n, heads, -1).transpose(1, 2)
-        if what == "keys":
-            fact = k.transpose(1, 2).reshape(I, n, D)[:, 1:]  # (I, P, D)
-        else:
-            q = attn.q_proj(x[:, :1]).view(I, 1, heads, -1).transpose(1, 2)
-            probs = attention_probs(q, k, attn.scale, torch.ones(1, 1, 1, n, dtype=torch.bool, device=x.device))
-            fact = probs.mean(1)[:, 0, 1:]  # (I, P): CLS -> patches, head-averaged
-        out = fact[image, patch]
-        return torch.where(present.view(*present.shape, *([1] * (out.dim() - 2))), out, torch.zeros_like(out))
-
-
-def tower_layers(tower: nn.Module):
-    """The encoder layers of an HF CLIP-style vision tower, if it has them."""
-    for m in (tower, getattr(tower, "vision_model", None)):
-        layers = getattr(getattr(m, "encoder", None), "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn") \
-                and hasattr(layers[0], "layer_norm1"):
-            return layers
-    return None
+        _, k = self.vision.project(block, hidden, need_q=False)
+        q = self.vision.project(block, hidden[:, :1])[0]  # the CLS query only
+        heads, scale = self.vision.heads_and_scale(block)
+        I, n, D = k.shape
+        split = lambda t: t.view(I, t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+        every = torch.ones(1, 1, 1, n, dtype=torch.bool, device=k.device)
+        cls = attention_probs(split(q), split(k), scale, every).mean(1)[:, 0, prefix:]  # (I, P)
+        facts = {"vision_cls_attention": cls, "vision_keys": k[:, prefix:]}
+        out = {}
+        for name, fact in facts.items():
+            fact = fact[image, patch]
+            out[name] = torch.where(present.view(*present.shape, *([1] * (fact.dim() - 2))), fact, torch.zeros_like(fact))
+        return out

@@ -9,17 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..state import TokenState
-
-
-def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
-    return t.expand(batch, *t.shape[1:]) if t.shape[0] != batch else t
-
-
-def gather_rows(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``t[b, slots[b]]`` for ``t`` of shape (B or 1, n, ...)."""
-    t = expand_rows(t, slots.shape[0])
-    return t.gather(1, slots.view(*slots.shape, *([1] * (t.dim() - 2))).expand(*slots.shape, *t.shape[2:]))
+from ..state import TokenState, expand_rows, gather_rows  # noqa: F401  (the adapters import them from here)
 
 
 class Stream:

@@ -10,6 +10,16 @@ import torch
 from .errors import TokenPruneError
 
 
+def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
+    return t.expand(batch, *t.shape[1:]) if t.shape[0] != batch else t
+
+
+def gather_rows(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``t[b, slots[b]]`` for ``t`` of shape (B or 1, n, ...)."""
+    t = expand_rows(t, slots.shape[0])
+    return t.gather(1, slots.view(*slots.shape, *([1] * (t.dim() - 2))).expand(*slots.shape, *t.shape[2:]))
+
+
 class Segment(IntEnum):
     """Modality / role of a token; adapters fill this map, pruners pick a segment to reduce."""
 
@@ -100,9 +110,7 @@ class TokenState:
         value = self.token_info[name]
         if callable(value):
             value = self.token_info[name] = value()
-        value = value.expand(self.batch_size, *value.shape[1:]) if value.shape[0] != self.batch_size else value
-        idx = self.index.view(*self.index.shape, *([1] * (value.dim() - 2))).expand(*self.index.shape, *value.shape[2:])
-        return value.gather(1, idx)
+        return gather_rows(value, self.index)
 
     def token_sizes(self) -> torch.Tensor:
         if self.sizes is None:
