@@ -154,6 +154,11 @@ def test_stats_count_tokens_flops_and_kv():
     assert s.dense_kv_bytes == 4 * 27 * per_token and s.kv_bytes == (2 * 27 + 2 * 17) * per_token
 
 
+def test_summary_reports_kv_only_for_models_with_a_cache():
+    assert "KV" not in tp.Stats(flops=1, dense_flops=2).summary()  # encoders, U-Nets
+    assert "KV 1.00 MiB vs 2.00 MiB (50.0%)" in tp.Stats(kv_bytes=2**20, dense_kv_bytes=2**21).summary()
+
+
 def test_concurrent_requests_on_one_model_do_not_share_state():
     """Call state is per thread (e.g. a Gradio server): parallel requests match serial ones."""
     from concurrent.futures import ThreadPoolExecutor

@@ -72,9 +72,10 @@ class Stats:
         per_layer = [sum(row) for row in self.tokens_per_layer]
         text = (
             f"tokens/layer {per_layer} (dense {sum(self.dense_tokens)}), "
-            f"FLOPs {self.flops / 1e9:.3f}G vs {self.dense_flops / 1e9:.3f}G ({self.flops_ratio:.1%}), "
-            f"KV {self.kv_bytes / 2**20:.2f} MiB vs {self.dense_kv_bytes / 2**20:.2f} MiB ({self.kv_ratio:.1%})"
+            f"FLOPs {self.flops / 1e9:.3f}G vs {self.dense_flops / 1e9:.3f}G ({self.flops_ratio:.1%})"
         )
+        if self.dense_kv_bytes:  # encoders and U-Nets keep no KV cache
+            text += f", KV {self.kv_bytes / 2**20:.2f} MiB vs {self.dense_kv_bytes / 2**20:.2f} MiB ({self.kv_ratio:.1%})"
         if self.tokens_per_layer and not self.pruned_anything:
             # say why, or a user reads "100%" as a broken pruner
             text += (
