@@ -2,14 +2,12 @@
 import importlib.util
 import os
 import re
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.request
 
 import pytest
+
+from .app_server import free_port, start_app
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("tokenprune_app", os.path.join(ROOT, "demos", "app.py"))
@@ -111,25 +109,11 @@ def test_t2i_tab_generates_both_images_and_reads_them():
     assert status.startswith("**Error:** prompt 'a dog' must name exactly one of")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_app_serves_on_the_port_flag_and_prints_its_url():
-    port = _free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(_free_port())}  # --port wins over the variable
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "demos", "app.py"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    port = free_port()
+    # --port wins over the variable
+    proc, url = start_app(["--port", str(port)], env={"GRADIO_SERVER_PORT": str(free_port())})
     try:
-        url, deadline = None, time.time() + 240
-        while url is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-            m = re.search(r"tokenprune app running at (http://\S+)", line)
-            url = m.group(1) if m else None
         assert url == f"http://127.0.0.1:{port}/"
         with urllib.request.urlopen(url, timeout=30) as r:
             assert r.status == 200 and "tokenprune" in r.read().decode()

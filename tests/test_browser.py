@@ -6,17 +6,13 @@ results/tmp/screenshots/.
 """
 import os
 import re
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 
 import pytest
 
+from .app_server import ROOT, free_port, start_app
+
 CHROMIUM = "/usr/bin/chromium"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHOTS = os.path.join(ROOT, "results", "tmp", "screenshots")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -29,24 +25,12 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 @pytest.fixture(scope="module")
 def server():
     """The app in its own process, on a free port given through Gradio's GRADIO_SERVER_PORT."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "demos", "app.py"), "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url, deadline = None, time.time() + 240
-    while url is None and time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        m = re.search(r"tokenprune app running at (http://\S+)", line)
-        url = m.group(1) if m else None
+    port = free_port()
+    proc, url = start_app(["--threads", "1"], env={"GRADIO_SERVER_PORT": str(port)})
     if url is None:
         proc.kill()
         pytest.fail("the app did not start")
     assert url == f"http://127.0.0.1:{port}/"
-    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining: a full pipe would block the app
     yield url
     proc.terminate()
     proc.wait(30)
