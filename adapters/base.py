@@ -13,11 +13,15 @@ class HookedAdapter:
     """Removable hooks + one call state per thread (concurrent requests never share state)."""
 
     stack = "language"  # what ``Pruner.target`` this adapter's layers are: "language" or "vision"
+    slices = False  # True: applies width pruners (pruners with ``experts``: sliced copies of model parts)
 
     def __init__(self, pruners, num_layers: int, min_layer: int = 0):
         self.pruners = pruners
         self.at: dict[int, list] = {}
         for p in pruners:
+            if callable(getattr(p, "experts", None)) and not self.slices:
+                raise TokenPruneError(f"{p.name} slices the transformer blocks of a diffusers U-Net; "
+                                      f"this {type(self).__name__.removesuffix('Adapter').lower()} model cannot be sliced")
             if p.target not in ("auto", self.stack):
                 where = "vision tower" if p.target == "vision" else "language model"
                 raise TokenPruneError(f"{p.name} has target={p.target!r}, but this model has no {where} to prune")

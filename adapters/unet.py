@@ -17,10 +17,18 @@ nothing special, and a row gives the same result alone or in a batch whenever it
 decides per row. Methods that read attention get the block's own self-attention, from its
 ``attn1`` q / k projections of ``norm1(input)`` (layer-norm blocks only), computed only when
 asked for. Stats count the transformer blocks' matmuls (what reductions change), not convolutions.
+
+Width pruners (``unet-static``, APTP) have ``experts(units)`` instead of token reductions: at
+attach their experts' kept heads and feed-forward channels become sliced copies of the block
+parts (``Widths``), swapped in while attached (with several experts, each call's rows are
+grouped by the expert the pruner's ``route(encoder_hidden_states)`` picks) and swapped back
+out, the original module objects, on ``remove()``.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -66,8 +74,9 @@ def _weights(module: nn.Module | None, names=None) -> int:
     """Entries of the 2-D weight matrices under ``module`` (optionally only the named children)."""
     if module is None:
         return 0
-    mods = [getattr(module, n) for n in names] if names else [module]
-    return sum(p.numel() for m in mods for k, p in m.named_parameters() if p.dim() == 2 and k.endswith("weight"))
+    mods = [getattr(module, n, None) for n in names] if names else [module]
+    return sum(p.numel() for m in mods if m is not None
+               for k, p in m.named_parameters() if p.dim() == 2 and k.endswith("weight"))
 
 
 class BlockCost:
@@ -117,6 +126,7 @@ class Plan:
 class UNetAdapter(HookedAdapter):
     family = "diffusers UNet2DConditionModel (or a pipeline with .unet): reductions inside its transformer blocks"
     stack = "unet"
+    slices = True
 
     @classmethod
     def matches(cls, model) -> bool:
@@ -135,9 +145,13 @@ class UNetAdapter(HookedAdapter):
         self.holders = [m for m in self.unet.modules()
                         if isinstance(getattr(m, "transformer_blocks", None), nn.ModuleList)]
         super().__init__(pruners, len(self.blocks))
-        self.costs = [BlockCost(b) for b in self.blocks]
+        self.dense_costs = [BlockCost(b) for b in self.blocks]
+        self.widths = Widths.build(self, self.blocks, [p for p in pruners if callable(getattr(p, "experts", None))])
+        self.costs = self.widths.costs if self.widths else [self.dense_costs]  # per expert, per block
 
     def attach(self):
+        if self.widths:  # sliced parts first: the token hooks below go on whatever runs
+            self.widths.swap_in()
         self.hook(self.unet.register_forward_pre_hook(self._open_call, with_kwargs=True))
         self.hook(self.unet.register_forward_hook(self._close_call, always_call=True))
         for holder in self.holders:
@@ -152,6 +166,11 @@ class UNetAdapter(HookedAdapter):
                         self.hook(module.register_forward_pre_hook(self._make_part_hook(i, part), with_kwargs=True))
                         self.hook(module.register_forward_hook(self._make_unmerge_hook(i, part)))
 
+    def detach(self):
+        super().detach()
+        if self.widths:
+            self.widths.swap_out()
+
     # ---- one call = one U-Net forward ----------------------------------------------------
     def _open_call(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
@@ -159,7 +178,10 @@ class UNetAdapter(HookedAdapter):
         t = torch.as_tensor(t).flatten().float()
         single = float(t[0]) if len(t) and bool((t == t[0]).all()) else None
         self.call = {"size": tuple(sample.shape[-2:]), "timestep": single, "grid": None, "plan": None,
-                     "stats": Stats(dense_tokens=[]), "open": set()}
+                     "stats": Stats(dense_tokens=[]), "open": set(), "groups": None}
+        if self.widths:
+            context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+            self.call["groups"] = self.widths.groups(context, sample.shape[0])
 
     def _close_call(self, module, args, output):
         call, self.call = self.call, None
@@ -190,8 +212,9 @@ class UNetAdapter(HookedAdapter):
                     counts[part] = plan.slots.shape[1]
             stats.dense_tokens = [max(d, N) for d in stats.dense_tokens or [N] * B]  # the largest map
             stats.tokens_per_layer.append([counts["attn1"]] * B)
-            stats.flops += B * self.costs[i](counts, context)
-            stats.dense_flops += B * self.costs[i](dict.fromkeys(PARTS, N), context)
+            groups = call["groups"] or [(0, None, B)]
+            stats.flops += sum(rows * self.costs[k][i](counts, context) for k, _, rows in groups)
+            stats.dense_flops += B * self.dense_costs[i](dict.fromkeys(PARTS, N), context)
             return None
 
         return hook
@@ -357,3 +380,179 @@ def slice_unet(unet, heads: dict | None = None, channels: dict | None = None):
     for i, keep in channels.items():
         _keep_channels(blocks[i].ff, torch.as_tensor(keep))
     return expert
+
+
+# ---- width pruning: sliced parts swapped in while attached (unet-static, APTP's experts) -------
+def width_units(blocks) -> list[dict]:
+    """What a width pruner's ``experts`` reads, free of model classes: per transformer block,
+    ``"heads"``: weight views whose first dim is the attention head (its to_q / to_k / to_v rows
+    and to_out columns, attn1 then attn2), ``"channels"``: views whose first dim is the
+    feed-forward hidden channel (its input-projection rows, value and gate, and output column)."""
+    units = []
+    for b in blocks:
+        heads = []
+        for attn in (b.attn1, b.attn2):
+            if attn is not None:
+                for lin in (attn.to_q, attn.to_k, attn.to_v):
+                    heads.append(lin.weight.detach().view(attn.heads, -1, lin.in_features))
+                out = attn.to_out[0].weight.detach()
+                heads.append(out.view(out.shape[0], attn.heads, -1).transpose(0, 1))
+        inner = b.ff.net[2].in_features
+        proj = b.ff.net[0].proj.weight.detach()
+        channels = [proj.view(-1, inner, proj.shape[1]).transpose(0, 1), b.ff.net[2].weight.detach().t()]
+        units.append({"heads": heads, "channels": channels})
+    return units
+
+
+class _Removed(nn.Module):
+    """A part an expert drops entirely (depth pruning): it adds nothing to the residual."""
+
+    inner_dim = 0
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return torch.zeros_like(hidden_states)
+
+
+class _Routed(nn.Module):
+    """One sliced copy of a block part per expert: each group of a call's rows runs through its own."""
+
+    def __init__(self, copies, widths):
+        super().__init__()
+        self.copies = nn.ModuleList(copies)
+        self._widths = [widths]  # a list, so it is not registered as a submodule
+
+    def forward(self, hidden_states, *args, **kwargs):
+        groups = self._widths[0].current_groups()
+        if len(groups) == 1:
+            return self.copies[groups[0][0]](hidden_states, *args, **kwargs)
+        B = hidden_states.shape[0]
+        outs = []
+        for k, rows, _ in groups:
+            def pick(t, rows=rows):
+                return t[rows] if torch.is_tensor(t) and t.dim() and t.shape[0] == B else t
+
+            outs.append(self.copies[k](pick(hidden_states), *map(pick, args), **{n: pick(v) for n, v in kwargs.items()}))
+        if all(isinstance(rows, slice) for _, rows, _ in groups):  # groups in row order: one concatenation
+            return torch.cat(outs)
+        out = outs[0].new_empty((B, *outs[0].shape[1:]))
+        for (_, rows, _), o in zip(groups, outs):
+            out[rows] = o
+        return out
+
+
+def _sliced(module, part: str, keep: torch.Tensor | None):
+    """``module`` at the kept heads / channels: itself when all are kept, a copy sharing no state
+    that it could change (its weights are never written), or ``_Removed`` when none are."""
+    if keep is None or bool(keep.all()):
+        return module
+    if not bool(keep.any()):
+        return _Removed()
+    new = copy.deepcopy(module, memo={id(p): p for p in module.parameters()})  # sliced below, not copied twice
+    (_keep_channels if part == "ff" else _keep_heads)(new, keep)
+    return new
+
+
+class Widths:
+    """The experts of a width pruner as sliced block parts, swapped into the U-Net while attached.
+
+    One expert: each sliced part replaces the full one. Several: each part becomes a ``_Routed``
+    holding every expert's copy (shared where two experts keep the same units), and each call's
+    rows are grouped by the expert the pruner's ``route`` picks. ``swap_out`` puts the original
+    module objects back, so removal is exact.
+    """
+
+    def __init__(self, adapter, pruner, blocks, experts):
+        self.adapter, self.pruner, self.blocks = adapter, pruner, blocks
+        shared = {}
+        self.parts = []  # [expert][block] -> {part: module or None}
+        for e in experts:
+            per_block = []
+            for i, b in enumerate(blocks):
+                d = {}
+                for part in PARTS:
+                    module = getattr(b, part, None)
+                    keep = e["channels" if part == "ff" else "heads"].get(i)
+                    key = (i, part, None if keep is None else tuple(keep.tolist()))
+                    if module is not None and key not in shared:
+                        shared[key] = _sliced(module, part, keep)
+                    d[part] = shared[key] if module is not None else None
+                per_block.append(d)
+            self.parts.append(per_block)
+        self.costs = [[BlockCost(SimpleNamespace(**d)) for d in per_block] for per_block in self.parts]
+        self.swapped = []  # (block, part, original module)
+
+    @classmethod
+    def build(cls, adapter, blocks, pruners) -> "Widths | None":
+        """Ask the width pruner for its experts and slice them (the model is not touched yet)."""
+        if not pruners:
+            return None
+        if len(pruners) > 1:
+            raise TokenPruneError(f"one width-pruning method per U-Net, got {[p.name for p in pruners]}")
+        pruner = pruners[0]
+        experts = pruner.experts(width_units(blocks))
+        if not isinstance(experts, (list, tuple)) or not experts:
+            raise TokenPruneError(f"{pruner.name}: experts() must return a non-empty list of expert dicts")
+        if len(experts) > 1 and not callable(getattr(pruner, "route", None)):
+            raise TokenPruneError(f"{pruner.name}: {len(experts)} experts but no route() to pick one per row")
+        checked = []
+        for e in experts:
+            unknown = set(e) - {"heads", "channels"}
+            if unknown:
+                raise TokenPruneError(f"{pruner.name}: an expert has unknown keys {sorted(unknown)}; use 'heads' / 'channels'")
+            out = {}
+            for name in ("heads", "channels"):
+                out[name] = {}
+                for i, keep in (e.get(name) or {}).items():
+                    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(blocks):
+                        raise TokenPruneError(f"{pruner.name}: {name} of block {i!r}, but the U-Net has "
+                                              f"{len(blocks)} transformer blocks (0..{len(blocks) - 1})")
+                    b = blocks[i]
+                    size = b.attn1.heads if name == "heads" else b.ff.net[2].in_features
+                    keep = torch.as_tensor(keep)
+                    if keep.dtype != torch.bool or keep.shape != (size,):
+                        raise TokenPruneError(f"{pruner.name}: {name}[{i}] must be a bool mask of {size} entries")
+                    if name == "heads" and b.attn2 is not None and b.attn2.heads != size:
+                        raise TokenPruneError(f"block {i}: attn1 and attn2 have different head counts")
+                    out[name][i] = keep.cpu()
+            checked.append(out)
+        return cls(adapter, pruner, blocks, checked)
+
+    def swap_in(self):
+        for i, b in enumerate(self.blocks):
+            for part in PARTS:
+                original = getattr(b, part, None)
+                copies = [per_block[i][part] for per_block in self.parts]
+                if original is None or all(c is original for c in copies):
+                    continue
+                setattr(b, part, copies[0] if len(copies) == 1 else _Routed(copies, self))
+                self.swapped.append((b, part, original))
+
+    def swap_out(self):
+        for b, part, original in reversed(self.swapped):
+            setattr(b, part, original)
+        self.swapped.clear()
+
+    def groups(self, context, batch: int):
+        """[(expert, rows, count)] of one call: rows a slice where the group is contiguous."""
+        if len(self.parts) == 1:
+            return None
+        if context is None:
+            raise TokenPruneError(f"{self.pruner.name} routes by encoder_hidden_states, which this call lacks")
+        codes = torch.as_tensor(self.pruner.route(context))
+        if codes.shape != (batch,) or codes.dtype.is_floating_point or bool((codes < 0).any()) \
+                or bool((codes >= len(self.parts)).any()):
+            raise TokenPruneError(f"{self.pruner.name}: route() must give one expert index in "
+                                  f"[0, {len(self.parts)}) per row ({batch} rows), got {codes.tolist()}")
+        out = []
+        for k in codes.unique().tolist():
+            rows = (codes == k).nonzero().flatten()
+            first, last = int(rows[0]), int(rows[-1])
+            out.append((k, slice(first, last + 1) if last - first + 1 == len(rows) else rows.to(context.device), len(rows)))
+        out.sort(key=lambda g: g[1].start if isinstance(g[1], slice) else int(g[1][0]))
+        return out
+
+    def current_groups(self):
+        call = self.adapter.call
+        if call is None:
+            raise TokenPruneError("a routed U-Net part ran outside a U-Net call")
+        return call["groups"] or [(0, slice(None), None)]

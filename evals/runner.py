@@ -39,7 +39,7 @@ from .tasks import TASKS, EvalOutput, Task, TaskUnavailable, make_task
 
 #: Which config field a budget sets, per method. Methods not listed here get the first of
 #: :data:`BUDGET_FIELD_FALLBACK` their config has.
-BUDGET_FIELDS = {"fastv": "keep_ratio", "random": "keep_ratio", "tome-sd": "ratio"}
+BUDGET_FIELDS = {"fastv": "keep_ratio", "random": "keep_ratio", "tome-sd": "ratio", "unet-static": "keep"}
 #: Methods whose budget field is the share REMOVED (tomesd's merge ``ratio``): set to 1 - budget.
 BUDGET_REMOVED = {"tome-sd"}
 BUDGET_FIELD_FALLBACK = ("keep_ratio", "budget", "flops_budget", "target_ratio")

@@ -18,7 +18,8 @@ class PruningHandle:
     """The attachment of pruners to one model; ``remove()`` restores it bit for bit.
 
     Adapters only add removable hooks and never touch parameters, buffers or attributes,
-    so removing the hooks is the whole restoration.
+    so removing the hooks is the whole restoration; width pruning (U-Nets) also swaps block
+    parts for sliced copies and puts the original module objects back.
     """
 
     def __init__(self, model, adapter, key=None):

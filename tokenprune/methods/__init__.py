@@ -4,8 +4,9 @@ from .fastv import FastV
 from .random import RandomDrop
 from .tome import ToMe
 from .tome_sd import ToMeSD
+from .unet_static import UNetStatic
 from .visionzip import VisionZip
 from .vflowopt import VFlowOpt
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["ATP", "FastV", "RandomDrop", "ToMe", "ToMeSD", "VFlowOpt", "VisionZip", "ZeroTPrune"]
+__all__ = ["ATP", "FastV", "RandomDrop", "ToMe", "ToMeSD", "UNetStatic", "VFlowOpt", "VisionZip", "ZeroTPrune"]
