@@ -14,9 +14,15 @@ same objects to every decoder layer. This adapter hooks in without forking model
   shape (a removed token's output is its hidden state when it left, a merged one takes
   the output of the token it joined).
 
-Pruning starts at layer >= 1: HF derives the positions of new tokens from layer 0's cache
-length, which therefore stays dense; kept tokens keep their original positions unless
-``renumber_positions=True``.
+Kept tokens keep their original positions unless ``renumber_positions=True``.
+
+Before layer 0 (pruners that read no previous layer, ``Pruner.reads_previous_layer``): the
+reduction runs in layer 0's pre-hook, so every layer, layer 0 included, runs on and caches
+only the kept tokens (the embedding lookup, HF's mask and rotary tables stay full length,
+which costs no matmul). A token removed there outputs its input embedding. HF derives what
+a decode step needs from layer 0's cache length (positions when none are passed, the mask's
+key count), so while layer 0's cache is pruned the base pre-hook passes the dense positions
+and a 4-D mask over the dense key positions, which each layer cuts to the keys it holds.
 """
 from __future__ import annotations
 
@@ -75,7 +81,7 @@ def check_foreign_cache(cache, request) -> None:
     """
     if request is not None:
         raise TokenPruneError(f"this KV cache holds {cache.get_seq_length()} tokens, tokenprune left it at "
-                              f"{request.dense_len}: it was cropped or extended outside tokenprune; {CACHE_RULE}")
+                              f"{request.held(0)}: it was cropped or extended outside tokenprune; {CACHE_RULE}")
     counts = [layer.get_seq_length() for layer in getattr(cache, "layers", ()) if hasattr(layer, "get_seq_length")]
     if len(set(counts)) > 1:
         raise TokenPruneError(f"this KV cache was filled under another pruner (its layers hold {counts} keys); "
@@ -125,6 +131,10 @@ class Request:
     dense_len: int = 0
     stats: Stats = field(default_factory=Stats)
 
+    def held(self, layer: int) -> int:
+        """Keys ``layer``'s cache holds (the dense length unless a reduction reached it)."""
+        return self.key_index[layer].shape[1] if layer in self.key_index else self.dense_len
+
 
 @dataclass
 class Call:
@@ -164,8 +174,11 @@ class DecoderAdapter(HookedAdapter):
                 f"attention implementation {impl!r} is not supported; load the model with "
                 f"attn_implementation in {SUPPORTED_ATTENTION}"
             )
-        # layer 0 stays dense: HF derives the positions of new tokens from its cache length
-        super().__init__(pruners, len(self.layers), min_layer=1)
+        super().__init__(pruners, len(self.layers))
+        for p in self.at.get(0, ()):
+            if p.reads_previous_layer:
+                raise TokenPruneError(f"{p.name}: it scores from the previous layer, and decoder layer 0 has none; "
+                                      "start it at layer 1 (only methods that read no decoder layer run before layer 0)")
         self.renumber = bool(renumber_positions)
         attn_module = sys.modules[type(self.layers[0].self_attn).__module__]
         self._rotate = getattr(attn_module, "apply_rotary_pos_emb", None)
@@ -196,15 +209,53 @@ class DecoderAdapter(HookedAdapter):
         mask2d = mask2d if torch.is_tensor(mask2d) and mask2d.dim() == 2 else None
         seen = cache.get_seq_length() if cache is not None else 0
         request = self._requests.get(cache) if cache is not None else None
-        if request is not None and seen == request.dense_len:
+        if request is not None and seen == request.held(0):
             mode = "decode"
             check_cache_rows(request, args, kwargs)
+            if 0 in request.key_index:
+                self._dense_decode_inputs(request, args, kwargs)
         elif seen == 0:
             mode, request = "prefill", Request()
         else:  # a cache filled without us (or changed since): dense caches run dense, pruned ones raise
             check_foreign_cache(cache, request)
             mode, request = "off", Request()
         self.call = Call(request, mode, mask2d, self.segments)
+        return args, kwargs
+
+    def _dense_decode_inputs(self, request: Request, args, kwargs):
+        """Decode after a reduction before layer 0: what HF would derive from layer 0's (pruned)
+        cache length, given in dense terms. Positions of the new tokens (when none are passed) and
+        a 4-D mask over the dense key positions (from the 2-D padding mask, which spans the dense
+        sequence); ``_decode_layer`` cuts it to each layer's keys."""
+        x = next(t for t in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds")) if torch.is_tensor(t))
+        q, start = x.shape[1], request.dense_len
+        keys = start + q
+        new = torch.arange(start, keys, device=x.device)
+        if kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = new[None]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            return  # a prepared 4-D mask (or per-layer-type masks) already spans the dense keys
+        if mask is not None and mask.shape[-1] != keys:
+            raise TokenPruneError(
+                f"the attention mask covers {mask.shape[-1]} tokens, but the pruned KV cache's prompt and the "
+                f"{q} new token(s) make {keys}: continue a cache pruned before layer 0 with the new tokens only "
+                "(generate from the whole sequence with past_key_values= is not supported there)")
+        window = self._sliding_window()
+        if window is not None and keys > window:
+            raise TokenPruneError(f"the sequence ({keys} tokens) outgrew the {window}-token sliding window: "
+                                  "sliding-window layers are supported only while the sequence fits the window")
+        visible = torch.arange(keys, device=x.device)[None, None, None, :] <= new[None, None, :, None]
+        if mask is not None:
+            visible = visible & mask.bool()[:, None, None, :]
+        dtype = x.dtype if x.is_floating_point() else self.base.get_input_embeddings().weight.dtype
+        kwargs["attention_mask"] = self._as_mask(visible, dtype)
+
+    def _sliding_window(self) -> int | None:
+        types = getattr(self.config, "layer_types", None)
+        if types is not None and not any("sliding" in t for t in types):
+            return None
+        return getattr(self.config, "sliding_window", None)
 
     def _close_call(self, module, args, kwargs, output):
         call, self.call = self.call, None

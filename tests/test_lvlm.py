@@ -25,6 +25,9 @@ LVLM_CASES = {
                  dict(layer=[1, 3], keep_ratio=1.0, **VISUAL)),
     # untrained threshold rule (the shipped head is for the 6-layer tiny-llava; see tests/test_atp.py)
     "atp": (dict(layer=[1, 3], keep_ratio=0.3, checkpoint=None), dict(layer=[1, 3], keep_ratio=1.0, checkpoint=None)),
+    # before decoder layer 0 (name@0): the language model runs on, and caches, the kept tokens only
+    "random@0": (dict(layer=0, keep_ratio=0.5, seed=3, **VISUAL), dict(layer=0, keep_ratio=1.0, **VISUAL)),
+    "visionzip@0": (dict(layer=0, keep_ratio=0.4, contextual_share=0.3), dict(layer=0, keep_ratio=1.0)),
 }
 ALL = sorted(LVLM_CASES) + sorted(ENGINE_CASES)
 # methods made for another family: on an LVLM they must get the library's error, not run wrongly
@@ -35,7 +38,7 @@ def make(name, noop=False):
     if name in ENGINE_CASES:
         return ENGINE_CASES[name][0](layer=2, keep_ratio=1.0 if noop else 0.4, **VISUAL)
     active, keep_all = LVLM_CASES[name]
-    return tp.build_pruner(name, **(keep_all if noop else active))
+    return tp.build_pruner(name.split("@")[0], **(keep_all if noop else active))
 
 
 def test_every_registered_method_has_an_lvlm_case():
@@ -55,7 +58,8 @@ def llava():
 
 
 def greedy(model, inputs, n=5, **kw):
-    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+    # a generated <image> id would make the cache-free recompute's prompt invalid (raw logits are unchanged)
+    out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, suppress_tokens=[LLAVA_IMAGE_TOKEN],
                          return_dict_in_generate=True, output_logits=True, **kw)
     return out.sequences, torch.stack(out.logits, dim=1)
 

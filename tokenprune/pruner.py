@@ -52,6 +52,10 @@ class Pruner:
     name: ClassVar[str] = ""
     #: which part of a multi-stack model (an LVLM) ``target="auto"`` means for this method
     default_target: ClassVar[str] = "language"
+    #: ``select`` reads what the previous layer computed (its attention or keys). False: it chooses
+    #: from the input alone (position, randomness, a vision tower's view), so it may run before a
+    #: decoder's layer 0, where the sequence entering the language model is shortened
+    reads_previous_layer: ClassVar[bool] = True
 
     target: str = field(default="auto", kw_only=True)  # "vision" / "language": where in an LVLM it goes
 
@@ -125,9 +129,10 @@ class SegmentDropPruner(Pruner):
                 raise TokenPruneError(f"{self.name}: {f} must be a non-negative integer")
 
     def first_layer(self) -> int:
-        """Lowest ``layer``: 1, since a reduction before layer 0 has no attention to read; a
-        method that reduces inside a block (after its attention) may start at 0."""
-        return 1
+        """Lowest ``layer``: 1 for methods that read the previous layer (before layer 0 there is
+        none), 0 for those that do not; a method that reduces inside a block (after its
+        attention) may start at 0 too."""
+        return 1 if self.reads_previous_layer else 0
 
     def layers(self) -> list[int]:
         return [self.layer] if isinstance(self.layer, int) else list(self.layer)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -15,8 +16,11 @@ class RandomDrop(SegmentDropPruner):
     """Keeps a random share of candidates; ``seed`` makes it repeatable.
 
     Each row draws from its own generator seeded with ``seed``, so a row keeps the same
-    tokens alone or in a batch.
+    tokens alone or in a batch. Reads no layer, so on a decoder it may start at layer 0
+    (the language model then runs on the kept tokens only).
     """
+
+    reads_previous_layer: ClassVar[bool] = False
 
     seed: int = 0
 

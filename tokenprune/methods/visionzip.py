@@ -4,14 +4,17 @@
 layer; the rest are folded into a few *contextual* tokens: evenly spaced ones among the rest
 are kept as targets, every other leftover merges into the target whose tower key it is most
 similar to (plain mean). The choice uses only the tower, as VisionZip's does before the
-projector; here it is applied to the visual segment before decoder layer ``layer`` (1 by
-default: decoder layer 0 still sees every token, which keeps ``generate``'s cache
-bookkeeping that of the dense model; see adapters/lvlm.py). Needs an LVLM adapter, which
-provides ``vision_cls_attention`` and ``vision_keys`` per token.
+projector; here it is applied to the visual segment before decoder layer ``layer``: 0 by
+default, so the language model runs on (and caches) only the kept tokens, as in VisionZip.
+One difference: contextual tokens are means of the projected features, not the projection
+of the mean tower features (the projector is a nonlinear MLP). ``layer=1`` lets decoder
+layer 0 see every token first. Needs an LVLM adapter, which provides
+``vision_cls_attention`` and ``vision_keys`` per token.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -40,7 +43,9 @@ class VisionZip(SegmentDropPruner):
     """``keep_ratio`` of the visual tokens stay (dominant + contextual); ``contextual_share`` of
     those are contextual (VisionZip's LLaVA-1.5 setting: 54 dominant + 10 contextual of 576)."""
 
-    layer: int | tuple[int, ...] = 1
+    reads_previous_layer: ClassVar[bool] = False  # chooses from the vision tower's view only
+
+    layer: int | tuple[int, ...] = 0
     keep_ratio: float = 0.25
     segment: str = "visual"
     protect_first: int = 0
