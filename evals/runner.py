@@ -41,8 +41,14 @@ from .tasks import TASKS, EvalOutput, Task, TaskUnavailable, make_task
 #: :data:`BUDGET_FIELD_FALLBACK` their config has.
 BUDGET_FIELDS = {"fastv": "keep_ratio", "random": "keep_ratio", "tome-sd": "ratio", "unet-static": "keep"}
 #: Methods whose budget field is the share REMOVED (tomesd's merge ``ratio``): set to 1 - budget.
+#: Skip methods (ftp, shortgpt, skip-rank, skip-random) take ``sparsity``, the share of token-block
+#: computations skipped, so a budget (the share kept) sets ``sparsity = 1 - budget`` too.
 BUDGET_REMOVED = {"tome-sd"}
-BUDGET_FIELD_FALLBACK = ("keep_ratio", "budget", "flops_budget", "target_ratio")
+BUDGET_FIELD_FALLBACK = ("keep_ratio", "budget", "flops_budget", "target_ratio", "sparsity")
+
+
+def budget_is_removed(method: str) -> bool:
+    return method in BUDGET_REMOVED or budget_field(method) == "sparsity"
 
 
 # ---- method specs ------------------------------------------------------------------------
@@ -110,7 +116,7 @@ def budget_field(method: str) -> str:
 
 def method_config(task: Task, spec: MethodSpec, budget: float) -> dict:
     """Config of one grid cell: the task's defaults for the method, the spec's overrides, the budget."""
-    value = 1 - budget if spec.name in BUDGET_REMOVED else budget
+    value = round(1 - budget, 10) if budget_is_removed(spec.name) else budget
     return {**task.method_defaults(spec.name), **spec.overrides, budget_field(spec.name): value}
 
 
@@ -558,7 +564,7 @@ def _list() -> None:
         print(f"  {name:<14} {t.task:<26} {t.metric:<22} {status}")
     print("methods (budget field):")
     for m in list_pruners():
-        print(f"  {m:<14} {budget_field(m)}" + (" (1 - budget: the share merged)" if m in BUDGET_REMOVED else ""))
+        print(f"  {m:<14} {budget_field(m)}" + (" (1 - budget: the share removed)" if budget_is_removed(m) else ""))
 
 
 def main(argv=None, prog: str = "tokenprune eval"):
