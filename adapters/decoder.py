@@ -86,6 +86,9 @@ def check_foreign_cache(cache, request) -> None:
     if len(set(counts)) > 1:
         raise TokenPruneError(f"this KV cache was filled under another pruner (its layers hold {counts} keys); "
                               + CACHE_RULE)
+    if getattr(cache, "tokenprune_before_layer0", False):  # equal counts, all pruned: marked at its prefill
+        raise TokenPruneError("this KV cache was filled under another pruner (pruned before layer 0), or is a copy "
+                              "of one; " + CACHE_RULE)
 
 
 def check_cache_rows(request, args, kwargs) -> None:
@@ -128,6 +131,7 @@ class Request:
     key_index: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, K) dense key positions
     key_valid: dict[int, torch.Tensor] = field(default_factory=dict)
     shift: dict[int, torch.Tensor] = field(default_factory=dict)  # renumbering: layer -> (B,) removed tokens
+    next_position: torch.Tensor | None = None  # (B or 1,) position the next new token takes (None: dense_len)
     dense_len: int = 0
     stats: Stats = field(default_factory=Stats)
 
@@ -216,6 +220,8 @@ class DecoderAdapter(HookedAdapter):
                 self._dense_decode_inputs(request, args, kwargs)
         elif seen == 0:
             mode, request = "prefill", Request()
+            pids = kwargs.get("position_ids")
+            request.next_position = pids[..., -1] + 1 if torch.is_tensor(pids) else None
         else:  # a cache filled without us (or changed since): dense caches run dense, pruned ones raise
             check_foreign_cache(cache, request)
             mode, request = "off", Request()
@@ -231,16 +237,24 @@ class DecoderAdapter(HookedAdapter):
         q, start = x.shape[1], request.dense_len
         keys = start + q
         new = torch.arange(start, keys, device=x.device)
-        if kwargs.get("position_ids") is None:
-            kwargs["position_ids"] = new[None]
+        # generate restarted from a whole sequence slices it by layer 0's (pruned) cache length
+        restart = ("continue a cache pruned before layer 0 with the new tokens only (generate from the whole "
+                   "sequence with past_key_values= is not supported there)")
+        pids = kwargs.get("position_ids")
+        if pids is None:
+            pids = kwargs["position_ids"] = new[None]
+        else:
+            expected = new[:1] if request.next_position is None else request.next_position
+            if not bool((pids[..., 0] == expected).all()):
+                raise TokenPruneError(f"the new tokens' positions start at {pids[..., 0].tolist()}, the pruned KV "
+                                      f"cache's sequence continues at {expected.tolist()}: {restart}")
+        request.next_position = pids[..., -1] + 1
         mask = kwargs.get("attention_mask")
         if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
             return  # a prepared 4-D mask (or per-layer-type masks) already spans the dense keys
         if mask is not None and mask.shape[-1] != keys:
-            raise TokenPruneError(
-                f"the attention mask covers {mask.shape[-1]} tokens, but the pruned KV cache's prompt and the "
-                f"{q} new token(s) make {keys}: continue a cache pruned before layer 0 with the new tokens only "
-                "(generate from the whole sequence with past_key_values= is not supported there)")
+            raise TokenPruneError(f"the attention mask covers {mask.shape[-1]} tokens, but the pruned KV cache's "
+                                  f"prompt and the {q} new token(s) make {keys}: {restart}")
         window = self._sliding_window()
         if window is not None and keys > window:
             raise TokenPruneError(f"the sequence ({keys} tokens) outgrew the {window}-token sliding window: "
@@ -339,6 +353,8 @@ class DecoderAdapter(HookedAdapter):
             self._rewrite_kwargs(call, i, kwargs)
             req = call.request
             req.key_index[i], req.key_valid[i] = st.index, st.valid
+            if i == 0 and kwargs.get("past_key_values") is not None:  # every layer holds the same pruned count
+                kwargs["past_key_values"].tokenprune_before_layer0 = True  # so check_foreign_cache knows it
             if self.renumber:
                 req.shift[i] = stream.dense_count - stream.alive_count
         call.stash = (i, st.hidden, kwargs.get("position_embeddings"), st.valid)

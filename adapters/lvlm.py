@@ -14,9 +14,9 @@ the :class:`EncoderAdapter`. What only this adapter knows, it adds around them:
 - routing each pruner of a list by its ``target``: ``"vision"`` to the tower, ``"language"``
   to the decoder.
 
-Pruning "before the projector" (VisionZip-style) is expressed as a reduction of the visual
-segment before decoder layer 1, scored from the tower: layer 0's KV cache stays dense, which
-keeps ``generate``'s position and cache bookkeeping that of the dense model.
+Pruning "before the projector" (VisionZip-style) is a reduction of the visual segment before
+decoder layer 0, scored from the tower: the language model runs on, and caches, only the
+kept tokens (see adapters/decoder.py for how decode steps stay in dense positions).
 """
 from __future__ import annotations
 

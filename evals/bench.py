@@ -17,13 +17,16 @@ against ``torch.utils.flop_counter`` in the tests; the stock counter skips the C
 kernel, so it is not used directly). Scoring work (recomputed attention, PageRank) is not in
 the FLOPs: it shows as time above the ideal.
 
-    python -m tokenprune.evals.bench lvlm [--methods fastv random ...] [--prunes 0.75 0.9] [--text 60]
+    python -m tokenprune.evals.bench lvlm [--methods fastv random:layer=0 ...] [--prunes 0.75 0.9] [--text 60]
+    python -m tokenprune.evals.bench lvlm --accounting-only [--methods ...]
 
 lvlm: time to first token of a LLaVA-1.5-shaped model (random weights, widths cut to fit a CPU;
 576 visual + ``--text`` text tokens), dense vs each method at each share of visual tokens
 pruned, next to the ideal (the dense decoder timed at each kept count in the same turns), with
 each method's scoring time (its ``select``) as a share of the dense prefill; plus the exact
-FLOPs and KV-cache bytes of LLaVA-1.5-7B at the same settings (``llava7b_accounting``).
+FLOPs and KV-cache bytes of LLaVA-1.5-7B at the same settings (``llava7b_accounting``;
+``--accounting-only`` computes just these, no timing). A method may carry options as in
+``tokenprune eval``: ``random:layer=0`` (before decoder layer 0), ``visionzip:layer=1``.
 """
 from __future__ import annotations
 
@@ -293,12 +296,17 @@ def run_pruned(model, pruner, inputs):
 
 
 def lvlm_pruner(model, name: str, prune: float, inputs, text: int):
-    """``name`` on the decoder's visual tokens, its ``keep_ratio`` set so that ``prune`` of the
-    visual tokens are gone after its last layer; the method's own defaults otherwise.
+    """``name`` (a method, or a spec with options: ``random:layer=0``) on the decoder's visual
+    tokens, its ``keep_ratio`` set so that ``prune`` of the visual tokens are gone after its last
+    layer; the method's own defaults otherwise.
 
     ``keep_ratio`` means that share for single-layer and budgeted methods; for per-stage ratios
     (progressive schedules) it is found by bisection on the kept count.
     """
+    from .runner import MethodSpec
+
+    spec = MethodSpec.parse(name)
+    name = spec.name
     visual = int((inputs["input_ids"] == IMAGE_TOKEN).sum())
     target = visual - int(visual * prune + 0.5)
     fields = {f.name for f in dataclasses.fields(type(build_pruner(name, **LVLM_OPTIONS.get(name, {}))))}
@@ -306,8 +314,9 @@ def lvlm_pruner(model, name: str, prune: float, inputs, text: int):
         raise TokenPruneError(f"{name} has no keep_ratio: the bench cannot set its budget")
 
     def make(keep):
-        options = dict(segment="visual", protect_first=0, protect_last=0, target="language", keep_ratio=keep,
+        options = dict(segment="visual", protect_first=0, protect_last=0, target="language",
                        **LVLM_OPTIONS.get(name, {}))
+        options.update(spec.overrides, keep_ratio=keep)
         return build_pruner(name, **{k: v for k, v in options.items() if k in fields})
 
     def kept(keep):
@@ -549,9 +558,18 @@ def main(argv=None):
                     help="lvlm: methods to time (default: every registered method for an LVLM decoder)")
     ap.add_argument("--prunes", type=float, nargs="+", default=[0.75, 0.9], help="lvlm: shares of visual tokens pruned")
     ap.add_argument("--text", type=int, default=60, help="lvlm: text tokens per prompt (plus 576 visual)")
+    ap.add_argument("--accounting-only", action="store_true",
+                    help="lvlm: only the exact LLaVA-1.5-7B FLOPs / KV accounting (no timing)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
-    if args.family == "lvlm":
+    if args.family == "lvlm" and args.accounting_only:
+        rows = llava7b_accounting(lvlm_methods(args.methods), tuple(args.prunes), args.text)
+        rows["command"] = " ".join(["python -m tokenprune.evals.bench", *(argv if argv is not None else sys.argv[1:])])
+        cols = ["method", "visual_pruned", "visual_kept", "ttft_flops_ratio", "decoder_flops_ratio", "kv_ratio"]
+        print("LLaVA-1.5-7B: " + " | ".join(cols))
+        for r in rows["rows"]:
+            print(" | ".join(str(r[c]) for c in cols), flush=True)
+    elif args.family == "lvlm":
         rows = bench_lvlm(args.methods, tuple(args.prunes), args.text, args.repeats, args.device)
         rows["command"] = " ".join(["python -m tokenprune.evals.bench", *(argv if argv is not None else sys.argv[1:])])
     elif args.family == "vit":
