@@ -45,6 +45,9 @@ BUDGET_FIELDS = {"fastv": "keep_ratio", "random": "keep_ratio", "tome-sd": "rati
 #: computations skipped, so a budget (the share kept) sets ``sparsity = 1 - budget`` too.
 BUDGET_REMOVED = {"tome-sd"}
 BUDGET_FIELD_FALLBACK = ("keep_ratio", "budget", "flops_budget", "target_ratio", "sparsity")
+#: Methods whose size comes from their checkpoint (APTP's router picks a width per prompt): the
+#: row records the budget, the config does not take it (run them with a single budget).
+BUDGET_FREE = {"aptp"}
 
 
 def budget_is_removed(method: str) -> bool:
@@ -116,6 +119,8 @@ def budget_field(method: str) -> str:
 
 def method_config(task: Task, spec: MethodSpec, budget: float) -> dict:
     """Config of one grid cell: the task's defaults for the method, the spec's overrides, the budget."""
+    if spec.name in BUDGET_FREE:
+        return {**task.method_defaults(spec.name), **spec.overrides}
     value = round(1 - budget, 10) if budget_is_removed(spec.name) else budget
     return {**task.method_defaults(spec.name), **spec.overrides, budget_field(spec.name): value}
 
@@ -546,7 +551,8 @@ def build_parser(prog: str = "tokenprune eval") -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--list", action="store_true", help="list models (with availability) and methods, then exit")
     ap.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
-                    help="tiny-llava only: question kinds (easy-vqa, position, size; default easy-vqa), "
+                    help="tiny-llava: question kinds (easy-vqa, position, size; default easy-vqa); tiny-t2i: "
+                         "prompt kinds (color-shape, size, position, size-position; default color-shape), "
                          "see tokenprune.zoo.vqa_data.easy_vqa_items")
     ap.add_argument("--weights", default=None, metavar="DIR",
                     help="tiny-llava only: load the model from this folder instead of the shipped weights")
@@ -580,10 +586,17 @@ def main(argv=None, prog: str = "tokenprune eval"):
     for b in args.budgets:
         if not 0.0 <= b <= 1.0:
             build_parser(prog).error(f"budgets must be in [0, 1], got {b}")
+    if args.kinds and args.models == ["tiny-t2i"]:  # prompt kinds of the text-to-image task
+        from ..zoo.t2i import KINDS as T2I_KINDS
+
+        bad = [k for k in args.kinds if k not in T2I_KINDS]
+        if bad:
+            build_parser(prog).error(f"unknown --kinds {bad}; choose from {', '.join(T2I_KINDS)}")
     llava = {k: v for k, v in (("kinds", args.kinds), ("weights", args.weights)) if v}
+    t2i = {"tiny-t2i": {"kinds": llava.pop("kinds")}} if args.models == ["tiny-t2i"] and args.kinds else {}
     if llava and args.models != ["tiny-llava"]:
-        build_parser(prog).error("--kinds / --weights apply to --model tiny-llava alone")
-    if args.kinds:
+        build_parser(prog).error("--kinds / --weights apply to --model tiny-llava (or --kinds to tiny-t2i) alone")
+    if args.kinds and not t2i:
         from ..zoo.vqa_data import KINDS
 
         bad = [k for k in args.kinds if k not in KINDS]
@@ -597,7 +610,7 @@ def main(argv=None, prog: str = "tokenprune eval"):
     t0 = time.perf_counter()
     rows = run_grid(args.models, args.methods, args.budgets, out=out, repeats=args.repeats,
                     memory=not args.no_memory, progress=not args.no_progress, limit=args.limit, seed=args.seed,
-                    device=device, meta=meta, task_options={"tiny-llava": llava} if llava else None)
+                    device=device, meta=meta, task_options={"tiny-llava": llava} if llava else (t2i or None))
     print()
     print(markdown_table(rows))
     print(f"\nwrote {out}/results.json, results.csv, accuracy_vs_flops.png in {time.perf_counter() - t0:.0f} s")

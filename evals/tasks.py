@@ -511,7 +511,18 @@ class VQATask(Task):
                 acc, p = self._answer(chunk)
             preds += p
         correct = sum(p == item[2] for p, item in zip(preds, self.items))
-        return EvalOutput(quality=correct / len(self.items), predictions=preds, n_items=len(self.items))
+        return EvalOutput(quality=correct / len(self.items), predictions=preds, n_items=len(self.items),
+                          extra=self._by_kind(preds))
+
+    def _by_kind(self, preds) -> dict:
+        """``accuracy_<kind>`` and ``n_<kind>`` per question kind, when the items mix kinds."""
+        counts = {}
+        for p, (_, q, a) in zip(preds, self.items):
+            c, n = counts.get(self._vqa.kind_of(q), (0, 0))
+            counts[self._vqa.kind_of(q)] = (c + (p == a), n + 1)
+        if len(counts) < 2:
+            return {}
+        return {k: v for kind, (c, n) in counts.items() for k, v in ((f"accuracy_{kind}", c / n), (f"n_{kind}", n))}
 
     def probe(self, handle=None):
         chunk = self._chunks()[0]
@@ -526,12 +537,14 @@ class VQATask(Task):
 class T2ITask(Task):
     """Prompt faithfulness and Fréchet distance of ``tiny-t2i`` images (``tokenprune.zoo.t2i``).
 
-    Prompts: ``t2i.eval_prompts(limit)`` (the 24 color x shape prompts, cycled). Each batch ``k``
+    Prompts: ``t2i.eval_prompts(limit, kinds)`` (default the 24 color x shape prompts, cycled;
+    ``kinds`` adds size / position prompts, see ``t2i.KINDS``). Each batch ``k``
     is one ``pipe(batch, num_inference_steps, guidance_scale, generator=manual_seed(seed + k))``
     call, exactly as ``t2i.t2i_scores`` samples, so the dense and the pruned U-Net start from the
     same noise. Scores come from the helper's ``judge_images`` (its ShapeColorJudge):
     quality = faithfulness (judged shape and color both match the prompt); extra columns
-    ``shape_acc``, ``color_acc``, ``fd_reference`` (Fréchet distance in the judge's feature space
+    ``shape_acc``, ``color_acc``, ``size_acc`` / ``position_acc`` and ``faithfulness_<kind>``
+    (when the prompts ask for them), ``fd_reference`` (Fréchet distance in the judge's feature space
     to real held-out images) and ``fd_dense`` (to the dense model's images). Fidelity: agreement
     of the judge's (shape, color) predictions with the dense images', cosine of the judge features.
     Pruners attach to ``pipe.unet``. FLOPs: flop_counter over whole pipeline calls.
@@ -543,9 +556,10 @@ class T2ITask(Task):
     default_limit = 24
 
     def __init__(self, name: str = "tiny-t2i", pipe=None, judge=None, batch_size: int = 24,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None, **kw):
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, kinds=None, **kw):
         super().__init__(name, **kw)
         self.model, self.judge, self.batch_size = pipe, judge, int(batch_size)
+        self.kinds = tuple(kinds) if kinds else None
         self.steps, self.guidance = num_inference_steps, guidance_scale
         self._dense_features = None
         self.prompts = None
@@ -566,7 +580,7 @@ class T2ITask(Task):
         self._t2i = t2i
         self.steps = self.steps or t2i.DEFAULT_STEPS
         self.guidance = self.guidance if self.guidance is not None else t2i.DEFAULT_GUIDANCE
-        self.prompts = list(t2i.eval_prompts(self.limit))
+        self.prompts = list(t2i.eval_prompts(self.limit, **({"kinds": self.kinds} if self.kinds else {})))
 
     def prune_targets(self):
         unet = getattr(self.model, "unet", None)
@@ -596,6 +610,9 @@ class T2ITask(Task):
             shape, color = self.judge.predict(x)
         extra = {"shape_acc": scores["shape_acc"], "color_acc": scores["color_acc"],
                  "fd_reference": scores["frechet"]}
+        extra.update({k: scores[k] for k in ("size_acc", "position_acc") if scores.get(k) is not None})
+        if len(scores.get("kinds", {})) > 1:
+            extra.update({f"faithfulness_{k}": v for k, v in scores["kinds"].items()})
         if handle is None:
             self._dense_features = feats
         elif self._dense_features is not None:
@@ -609,7 +626,7 @@ class T2ITask(Task):
 
     def describe(self):
         return {**super().describe(), "num_inference_steps": self.steps, "guidance_scale": self.guidance,
-                "batch_size": self.batch_size}
+                "batch_size": self.batch_size, **({"kinds": self.kinds} if self.kinds else {})}
 
 
 # ---- registry ----------------------------------------------------------------------------

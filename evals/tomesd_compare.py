@@ -1,6 +1,6 @@
 """ToMe-SD side by side: tokenprune's ``tome-sd`` and the ``tomesd`` package (0.1.3) on one U-Net.
 
-    flock /tmp/tp-heavy.lock .venv/bin/python -m tokenprune.evals.tomesd_compare --out results/tiny-t2i
+    .venv/bin/python -m tokenprune.evals.tomesd_compare --out results/tiny-t2i --limit 96 --kinds color-shape size position size-position --threads 1
 
 On ``tiny-t2i`` (``tp.zoo.load("tiny-t2i")``), dense and both implementations at each merge
 ratio, in one run: prompt faithfulness and Fréchet distance (``t2i_scores``: same prompts,
@@ -109,7 +109,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ap.add_argument("--limit", type=int, default=240, help="prompts scored per configuration")
+    ap.add_argument("--kinds", nargs="+", default=["color-shape"],
+                    help="prompt kinds (tokenprune.zoo.t2i.KINDS), taken in turn")
     ap.add_argument("--timing-prompts", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=24,
+                    help="prompts per pipeline call (24 = the eval harness's, so both draw the same noise)")
     ap.add_argument("--repeats", type=int, default=3, help="timed pipeline calls per configuration, in turns")
     ap.add_argument("--max-downsample", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -126,7 +130,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     pipe, judge = tp.zoo.load("tiny-t2i")
     steps, guidance = t2i.DEFAULT_STEPS, t2i.DEFAULT_GUIDANCE
-    prompts = t2i.eval_prompts(args.limit)
+    prompts = t2i.eval_prompts(args.limit, args.kinds)
     cfgs = configs(pipe, args.ratios, args.max_downsample, args.seed)
     started = time.time()
 
@@ -134,7 +138,8 @@ def main(argv=None):
     for name, ratio, ctx in tqdm(cfgs, desc="quality", unit="config"):
         with ctx():
             t0 = time.perf_counter()
-            res = t2i.t2i_scores(pipe, prompts, judge=judge, seed=args.seed, return_images=True)
+            res = t2i.t2i_scores(pipe, prompts, judge=judge, seed=args.seed, batch_size=args.batch_size,
+                                 return_images=True)
             res["sample_s"] = time.perf_counter() - t0
             res["flops"] = pipeline_flops(pipe, prompts[:2], steps, guidance)
         images[name] = res.pop("images")
@@ -161,6 +166,7 @@ def main(argv=None):
         rows.append(dict(
             config=name, impl="dense" if ratio is None else name.split()[0], ratio=ratio,
             faithfulness=r["faithfulness"], shape_acc=r["shape_acc"], color_acc=r["color_acc"], frechet=r["frechet"],
+            size_acc=r.get("size_acc"), position_acc=r.get("position_acc"), kinds=r.get("kinds"),
             pixel_diff=float((img - dense_img).abs().mean()), pixel_diff_max=float((img - dense_img).abs().amax()),
             agreement_with_dense=float(agree.float().mean()), flops=r["flops"],
             flops_rel=r["flops"] / results["dense"]["flops"], time_s=statistics.median(times[name]),
@@ -171,8 +177,10 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(command="flock /tmp/tp-heavy.lock .venv/bin/python -m tokenprune.evals.tomesd_compare " + " ".join(sys.argv[1:]),
-                model="tiny-t2i", steps=steps, guidance=guidance, limit=args.limit, timing_prompts=args.timing_prompts,
+    meta = dict(command=".venv/bin/python -m tokenprune.evals.tomesd_compare " + " ".join(sys.argv[1:]),
+                model="tiny-t2i", steps=steps, guidance=guidance, limit=args.limit, kinds=args.kinds,
+                batch_size=args.batch_size,
+                timing_prompts=args.timing_prompts,
                 repeats=args.repeats, max_downsample=args.max_downsample, seed=args.seed, threads=args.threads,
                 commit=git_commit(), torch=torch.__version__, tomesd=getattr(tomesd, "__version__", "0.1.3"),
                 elapsed_s=round(time.time() - started, 1),
@@ -184,6 +192,12 @@ def main(argv=None):
         lines.append(f"| {r['config']} | {r['faithfulness']:.3f} | {r['shape_acc']:.3f} | {r['color_acc']:.3f} "
                      f"| {r['frechet']:.2f} | {r['pixel_diff']:.4f} / {r['pixel_diff_max']:.3f} "
                      f"| {r['agreement_with_dense']:.3f} | {r['flops_rel']:.3f} | {r['time_s']:.2f} | {r['speedup']:.2f}x |")
+    if len(args.kinds) > 1:  # faithfulness per prompt kind
+        lines += ["", "| configuration | " + " | ".join(args.kinds) + " | size acc | position acc |",
+                  "|" + "---|" * (len(args.kinds) + 3)]
+        for r in rows:
+            lines.append(f"| {r['config']} | " + " | ".join(f"{r['kinds'][k]:.3f}" for k in args.kinds)
+                         + f" | {r['size_acc'] or float('nan'):.3f} | {r['position_acc'] or float('nan'):.3f} |")
     (out / "tomesd_compare.md").write_text("\n".join(lines) + "\n")
     image_grid(images, out / "tomesd_compare_grid.png", cols=24)
     plot(rows[1:], dense, out / "tomesd_compare.png")

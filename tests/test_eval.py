@@ -172,6 +172,8 @@ def test_method_specs_and_budget_mapping():
     task = PerplexityTask("t", model=tiny_decoder("llama-sdpa"), token_ids=torch.zeros(2, 30, dtype=torch.long),
                           context=20)
     assert method_config(task, MethodSpec.parse("random:seed=4"), 0.25) == {"layer": 1, "seed": 4, "keep_ratio": 0.25}
+    # APTP's router sets its own widths: the budget is recorded in the row, not put in the config
+    assert method_config(task, MethodSpec.parse("aptp:code=1"), 0.5) == {"code": 1}
     with pytest.raises(tp.TokenPruneError):
         MethodSpec.parse("fastv:layer")
     with pytest.raises(tp.TokenPruneError):

@@ -97,3 +97,84 @@ def test_frechet_distance_basics():
     assert t2i.parse_prompt("a teal triangle") == (t2i.COLORS.index("teal"), t2i.SHAPES.index("triangle"))
     with pytest.raises(ValueError):
         t2i.parse_prompt("a dog")
+
+
+def test_prompt_kinds():
+    assert t2i.all_prompts() == [t2i.caption(c, s) for c in t2i.COLORS for s in t2i.SHAPES]  # the old 24
+    assert [len(t2i.all_prompts((k,))) for k in t2i.KINDS] == [24, 48, 96, 192]
+    assert t2i.eval_prompts(48) == t2i.all_prompts() * 2
+    assert t2i.caption("red", "circle", "small", "left") == "a small red circle on the left"
+    assert t2i.parse_attributes("a large teal triangle at the bottom") == dict(
+        color="teal", shape="triangle", size="large", position="bottom")
+    assert t2i.parse_prompt("a small red circle on the left") == (0, 0)
+    mixed = t2i.eval_prompts(192, t2i.KINDS)
+    assert [t2i.prompt_kind(p) for p in mixed[:4]] == list(t2i.KINDS)
+    for kind in t2i.KINDS:  # every kind: each color x shape equally often, attribute values spread evenly
+        ps = [p for p in mixed if t2i.prompt_kind(p) == kind]
+        assert len(ps) == 48 and len(set(ps)) == min(48, len(t2i.all_prompts((kind,))))
+        pairs = [t2i.parse_prompt(p) for p in ps]
+        assert all(pairs.count(q) == 2 for q in set(pairs)) and len(set(pairs)) == 24
+        if kind != "color-shape":
+            values = [tuple(t2i.parse_attributes(p)[k] for k in ("size", "position")) for p in ps]
+            assert len(set(values)) == len(t2i._kind_attrs(kind))
+            assert max(map(values.count, set(values))) - min(map(values.count, set(values))) <= 1
+    with pytest.raises(ValueError):
+        t2i.all_prompts(("huge",))
+    with pytest.raises(ValueError):
+        t2i.parse_attributes("a small large red circle")
+
+
+def _drawn(boxes, size=32):
+    """Pastel background with one filled red box (y0, y1, x0, x1) per image, in [0, 1]."""
+    x = torch.empty(len(boxes), 3, size, size)
+    x[:] = torch.tensor([0.9, 0.85, 0.95])[:, None, None]
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        x[i, :, y0:y1, x0:x1] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    return x
+
+
+def test_object_size_and_side_from_pixels():
+    lo, hi = t2i.size_thresholds()["rectangle"]
+    assert 0 < lo < hi < 32 * 32
+    small, large = int(lo ** 0.5) - 1, int(hi ** 0.5) + 1  # side lengths of a clearly small / large square
+    boxes = [(2, 2 + small, 2, 2 + small), (30 - large, 30, 30 - large, 30), (10, 14, 16, 30)]
+    images = _drawn(boxes)
+    area, cx, cy = t2i.object_stats(images)
+    assert area.tolist() == [small * small, large * large, 4 * 14]
+    assert cx.tolist() == pytest.approx([2 + (small - 1) / 2, 30 - (large + 1) / 2, 22.5])
+    assert cy.tolist() == pytest.approx([2 + (small - 1) / 2, 30 - (large + 1) / 2, 11.5])
+    lab = t2i.attribute_labels(images, torch.tensor([1, 1, 1]))
+    assert lab["size"].tolist()[:2] == [0, 1]
+    assert lab["horizontal"].tolist() == [0, 1, 1] and lab["vertical"].tolist() == [0, 1, 0]
+    prompts = ["a small red rectangle at the top", "a large red rectangle on the right", "a red rectangle on the left"]
+    size_ok, size_asked, pos_ok, pos_asked = t2i.attributes_ok(images, prompts)
+    assert size_ok.tolist() == [True, True, True] and size_asked.tolist() == [True, True, False]
+    assert pos_ok.tolist() == [True, True, False] and pos_asked.all()
+    wrong = t2i.attributes_ok(images, ["a large red rectangle", "a small red rectangle at the top", "a red rectangle"])
+    assert wrong[0].tolist() == [False, False, True] and wrong[2].tolist() == [True, False, True]
+
+
+def test_real_images_have_what_their_prompts_ask(tiny_t2i):
+    _, judge = tiny_t2i
+    res = t2i.real_scores(t2i.eval_prompts(96, t2i.KINDS), judge)
+    assert res["size_acc"] > 0.95 and res["position_acc"] > 0.95 and res["faithfulness"] > 0.9
+    assert set(res["kinds"]) == set(t2i.KINDS)
+
+
+def test_eval_task_scores_every_prompt_kind(tiny_t2i, tmp_path):
+    from tokenprune.evals.runner import run_grid
+    from tokenprune.evals.tasks import T2ITask
+
+    pipe, judge = tiny_t2i
+    task = T2ITask(pipe=pipe, judge=judge, limit=8, kinds=t2i.KINDS, num_inference_steps=2, progress=False)
+    rows = run_grid([task], methods=["tome-sd"], budgets=[0.5], out=str(tmp_path), repeats=0, memory=False,
+                    progress=False, log=lambda msg: None)
+    dense, merged = rows
+    assert dense["status"] == merged["status"] == "ok", merged["reason"]
+    assert [t2i.prompt_kind(p) for p in task.prompts[:4]] == list(t2i.KINDS)
+    assert task.describe()["kinds"] == t2i.KINDS
+    for row in rows:
+        assert {f"faithfulness_{k}" for k in t2i.KINDS} <= set(row)
+        assert row["size_acc"] is not None and row["position_acc"] is not None
+        # overall faithfulness is the mean of the per-kind ones (two prompts of each kind)
+        assert row["quality"] == pytest.approx(sum(row[f"faithfulness_{k}"] for k in t2i.KINDS) / 4)

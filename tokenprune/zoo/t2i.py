@@ -66,20 +66,61 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 1.5
 
 
-def caption(color: str, shape: str) -> str:
-    """The caption format the model was trained on: ``caption("red", "circle") == "a red circle"``."""
-    return f"a {color} {shape}"
+#: prompt kinds, easiest first: which attributes a prompt asks for besides color and shape
+KINDS = ("color-shape", "size", "position", "size-position")
+SIZES = ["small", "large"]
+#: position words and their phrase in a caption
+POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 
 
-def all_prompts() -> list[str]:
-    """The 24 prompts (8 colors x 3 shapes), color-major: ``["a red circle", "a red rectangle", ...]``."""
-    return [caption(c, s) for c in COLORS for s in SHAPES]
+def caption(color: str, shape: str, size: str | None = None, position: str | None = None) -> str:
+    """The caption format the model was trained on: ``caption("red", "circle") == "a red circle"``,
+    ``caption("red", "circle", "small", "left") == "a small red circle on the left"``."""
+    words = ["a"] + ([size] if size else []) + [color, shape] + ([POSITIONS[position]] if position else [])
+    return " ".join(words)
 
 
-def eval_prompts(n: int = 240) -> list[str]:
-    """``n`` prompts cycling through :func:`all_prompts` (``n=240`` -> each prompt 10 times)."""
-    p = all_prompts()
-    return [p[i % len(p)] for i in range(n)]
+def _kind_attrs(kind: str) -> list[tuple]:
+    """``(size, position)`` pairs of one kind, in prompt order."""
+    if kind == "color-shape":
+        return [(None, None)]
+    if kind == "size":
+        return [(z, None) for z in SIZES]
+    if kind == "position":
+        return [(None, p) for p in POSITIONS]
+    if kind == "size-position":
+        return [(z, p) for p in POSITIONS for z in SIZES]
+    raise ValueError(f"unknown prompt kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def _check_kinds(kinds) -> tuple:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"unknown prompt kinds {kinds!r}; choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def all_prompts(kinds=("color-shape",)) -> list[str]:
+    """Every prompt of the given kinds. ``all_prompts()`` is the 24 color x shape prompts,
+    color-major (``["a red circle", "a red rectangle", ...]``); each other kind lists the 24
+    color x shape pairs once per attribute value (size 48, position 96, size-position 192)."""
+    return [caption(c, s, z, p) for k in _check_kinds(kinds) for z, p in _kind_attrs(k)
+            for c in COLORS for s in SHAPES]
+
+
+def eval_prompts(n: int = 240, kinds=("color-shape",)) -> list[str]:
+    """``n`` prompts: kinds in turn (prompt ``i`` is of kind ``kinds[i % len(kinds)]``), each kind
+    cycling through its :func:`all_prompts` (every run of 24 names each color x shape once, with
+    the size / position values spread evenly). ``eval_prompts(240)`` -> each of the 24 color x
+    shape prompts 10 times; with several kinds every kind gets ``n / len(kinds)`` prompts."""
+    kinds = _check_kinds(kinds)
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    lists = []
+    for kind in kinds:  # every 24 prompts: each color x shape once, attribute values spread evenly
+        attrs = _kind_attrs(kind)
+        lists.append([caption(*pairs[k % 24], *attrs[(k % 24 + k // 24) % len(attrs)])
+                      for k in range(24 * len(attrs))])
+    return [lists[i % len(kinds)][(i // len(kinds)) % len(lists[i % len(kinds)])] for i in range(n)]
 
 
 def parse_prompt(prompt: str) -> tuple[int, int]:
@@ -90,6 +131,26 @@ def parse_prompt(prompt: str) -> tuple[int, int]:
     if len(cs) != 1 or len(ss) != 1:
         raise ValueError(f"prompt {prompt!r} must name exactly one of {COLORS} and one of {SHAPES}")
     return cs[0], ss[0]
+
+
+def parse_attributes(prompt: str) -> dict:
+    """``dict(color=, shape=, size=, position=)`` (names; size / position ``None`` when the prompt
+    does not ask for them) of a prompt in the caption format."""
+    c, s = parse_prompt(prompt)
+    words = re.findall(r"[a-z]+", prompt.lower())
+    sizes = [w for w in words if w in SIZES]
+    positions = [w for w in words if w in POSITIONS]
+    if len(sizes) > 1 or len(positions) > 1:
+        raise ValueError(f"prompt {prompt!r} names more than one size or position")
+    return dict(color=COLORS[c], shape=SHAPES[s], size=sizes[0] if sizes else None,
+                position=positions[0] if positions else None)
+
+
+def prompt_kind(prompt: str) -> str:
+    """The kind (one of :data:`KINDS`) of a prompt: which attributes it asks for."""
+    a = parse_attributes(prompt)
+    return ("size-position" if a["size"] and a["position"] else "size" if a["size"]
+            else "position" if a["position"] else "color-shape")
 
 
 # --------------------------------------------------------------------------- text encoder
@@ -245,6 +306,104 @@ def _test_halves():
     statistics set, odd ids the pool of real "samples" for :func:`real_scores`."""
     x, s, c = easy_vqa_32("test")
     return (x[0::2], s[0::2], c[0::2]), (x[1::2], s[1::2], c[1::2])
+
+
+# --------------------------------------------------------------------------- size and position
+
+#: an object pixel differs from the background (median of the border pixels) by more than this
+#: in some channel (images in ``[0, 1]``; easy-vqa backgrounds are flat pastel colors)
+OBJECT_THRESHOLD = 40 / 255
+#: training captions name a side only when the object's centroid is this many pixels (at 32x32)
+#: off the middle line; the judge only asks which side of the middle it is on
+POSITION_MARGIN = 2.0
+
+
+def object_stats(images):
+    """``(area, cx, cy)`` of the object in each image ``[N, 3, H, W]`` (float in ``[0, 1]``):
+    pixel count and centroid (x from the left, y from the top, in pixels; the middle is
+    ``(W - 1) / 2``) of the pixels that differ from the background by more than
+    :data:`OBJECT_THRESHOLD`. An image with no object pixel gets area 0 and the middle as centroid.
+    Used both to label the training images and to judge size / position of generated ones."""
+    import torch
+
+    x = images.float()
+    n, _, h, w = x.shape
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, 1:-1, 0], x[:, :, 1:-1, -1]], dim=2)
+    bg = border.median(dim=2).values
+    fg = ((x - bg[:, :, None, None]).abs().amax(1) > OBJECT_THRESHOLD).float()
+    area = fg.sum((1, 2))
+    ys = torch.arange(h, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, None, :]
+    denom = area.clamp_min(1)
+    cx = torch.where(area > 0, (fg * xs).sum((1, 2)) / denom, torch.full_like(area, (w - 1) / 2))
+    cy = torch.where(area > 0, (fg * ys).sum((1, 2)) / denom, torch.full_like(area, (h - 1) / 2))
+    return area, cx, cy
+
+
+@lru_cache(maxsize=1)
+def size_thresholds() -> dict:
+    """Per shape, the object areas (pixels at 32x32) at the first and second tercile of the *train*
+    images of that shape: ``{"circle": (lo, hi), ...}``. Sizes are relative to the shape (a
+    triangle fills half its box, so "large" must not mean "rectangle"): captions say "small"
+    below ``lo``, "large" above ``hi`` (objects in between get no size word). The judge calls an
+    object small when its area is below the midpoint ``(lo + hi) / 2``."""
+    import torch
+
+    x, s, _ = easy_vqa_32("train")
+    area, _, _ = object_stats(x / 2 + 0.5)
+    q = torch.tensor([1 / 3, 2 / 3])
+    return {name: tuple(float(v) for v in torch.quantile(area[s == i], q)) for i, name in enumerate(SHAPES)}
+
+
+def _size_bounds(shape_idx):
+    import torch
+
+    t = size_thresholds()
+    lo = torch.tensor([t[SHAPES[int(i)]][0] for i in shape_idx])
+    hi = torch.tensor([t[SHAPES[int(i)]][1] for i in shape_idx])
+    return lo, hi
+
+
+def attribute_labels(images, shapes) -> dict:
+    """What a caption may truthfully say about each image ``[N, 3, 32, 32]`` (``[0, 1]``) showing
+    the shape ``shapes[i]`` (index into ``SHAPES``):
+    ``dict(size=[N], horizontal=[N], vertical=[N])`` int tensors, ``-1`` where no word applies,
+    else an index into ``SIZES`` / ``("left", "right")`` / ``("top", "bottom")``."""
+    import torch
+
+    area, cx, cy = object_stats(images)
+    lo, hi = _size_bounds(shapes)
+    mid = (images.shape[-1] - 1) / 2
+    size = torch.full_like(area, -1, dtype=torch.long)
+    size[area < lo] = 0
+    size[area > hi] = 1
+
+    def side(c):
+        out = torch.full_like(c, -1, dtype=torch.long)
+        out[c < mid - POSITION_MARGIN] = 0
+        out[c > mid + POSITION_MARGIN] = 1
+        return out
+
+    return dict(size=size, horizontal=side(cx), vertical=side(cy))
+
+
+def attributes_ok(images, prompts) -> tuple:
+    """Per image, whether its object has the size / position its prompt asks for:
+    ``(size_ok [N] bool, size_asked [N] bool, position_ok, position_asked)``. Small = area below
+    the midpoint of the prompted shape's :func:`size_thresholds`; left / top = centroid left of / above the middle."""
+    import torch
+
+    area, cx, cy = object_stats(images)
+    attrs = [parse_attributes(p) for p in prompts]
+    lo, hi = _size_bounds([SHAPES.index(a["shape"]) for a in attrs])
+    mid = (images.shape[-1] - 1) / 2
+    size_asked = torch.tensor([a["size"] is not None for a in attrs])
+    pos_asked = torch.tensor([a["position"] is not None for a in attrs])
+    small = area < (lo + hi) / 2
+    size_ok = torch.tensor([a["size"] != "small" for a in attrs]) ^ small
+    got = {"left": cx < mid, "right": cx > mid, "top": cy < mid, "bottom": cy > mid}
+    pos_ok = torch.tensor([bool(got[a["position"]][i]) if a["position"] else True for i, a in enumerate(attrs)])
+    return size_ok | ~size_asked, size_asked, pos_ok, pos_asked
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -414,9 +573,13 @@ def _judge_batches(judge, images, batch_size: int = 256):
 def judge_images(images, prompts, judge=None, reference_features=None) -> dict:
     """Score a batch of images ``[N, 3, 32, 32]`` (float in ``[0, 1]``) against their prompts.
 
-    Returns ``dict(faithfulness, shape_acc, color_acc, frechet, n)``: faithfulness = share of
-    images whose judged shape *and* color both match the prompt; Frechet distance in the judge's
-    64-d penultimate space against the real test reference half (or ``reference_features``).
+    Returns ``dict(faithfulness, shape_acc, color_acc, size_acc, position_acc, kinds, frechet,
+    n)``: faithfulness = share of images that have everything their prompt asks for: the judged
+    shape *and* color, and, where the prompt names them, the size and the side measured from the
+    object's pixels (:func:`attributes_ok`). ``size_acc`` / ``position_acc`` are over the prompts
+    that ask (``None`` if none does); ``kinds`` maps each prompt kind present to its
+    faithfulness. Frechet distance in the judge's 64-d penultimate space against the real test
+    reference half (or ``reference_features``).
     """
     import torch
 
@@ -430,9 +593,18 @@ def judge_images(images, prompts, judge=None, reference_features=None) -> dict:
     if reference_features is None:
         reference_features = _reference_features(judge)
     s_ok, c_ok = s_pred == s_want, c_pred == c_want
-    return dict(faithfulness=float((s_ok & c_ok).float().mean()), shape_acc=float(s_ok.float().mean()),
-                color_acc=float(c_ok.float().mean()), frechet=frechet_distance(feats, reference_features),
-                n=len(prompts))
+    z_ok, z_asked, p_ok, p_asked = attributes_ok(images, prompts)
+    ok = s_ok & c_ok & z_ok & p_ok
+    kinds = [prompt_kind(p) for p in prompts]
+    by_kind = {k: float(ok[torch.tensor([q == k for q in kinds])].float().mean()) for k in KINDS if k in kinds}
+
+    def share(hit, asked):
+        return float(hit[asked].float().mean()) if asked.any() else None
+
+    return dict(faithfulness=float(ok.float().mean()), shape_acc=float(s_ok.float().mean()),
+                color_acc=float(c_ok.float().mean()), size_acc=share(z_ok, z_asked),
+                position_acc=share(p_ok, p_asked), kinds=by_kind,
+                frechet=frechet_distance(feats, reference_features), n=len(prompts))
 
 
 _REF_CACHE: dict = {}
@@ -489,22 +661,35 @@ def t2i_scores(pipe, prompts=None, judge=None, num_inference_steps: int = DEFAUL
 
 def real_scores(prompts=None, judge=None, seed: int = 0) -> dict:
     """:func:`t2i_scores`' numbers for *real* images: for each prompt a held-out easy-vqa test
-    image of that class (odd-id half, never seen by the judge nor the U-Net; drawn without
-    replacement per class while possible), scored against the same even-id reference half."""
+    image that has what the prompt asks for (odd-id half -- or, for a size + side combination it
+    lacks, any test id -- never seen by the judge nor the U-Net;
+    color, shape and, where asked, the caption's size / side label from
+    :func:`attribute_labels`; drawn without replacement per prompt while possible, then again),
+    scored against the same even-id reference half."""
     import torch
 
     prompts = eval_prompts() if prompts is None else list(prompts)
     judge = judge if judge is not None else load_judge()
-    _, (xb, sb, cb) = _test_halves()
+    x, s, c = easy_vqa_32("test")
+    lab = attribute_labels(x / 2 + 0.5, s)
+    odd = torch.arange(len(x)) % 2 == 1
     g = torch.Generator().manual_seed(seed)
     pools: dict = {}
     picks = []
     for p in prompts:
-        c, s = parse_prompt(p)
-        if not pools.get((c, s)):
-            idx = torch.nonzero((cb == c) & (sb == s)).flatten()
+        if not pools.get(p):
+            a = parse_attributes(p)
+            hit = (c == COLORS.index(a["color"])) & (s == SHAPES.index(a["shape"]))
+            if a["size"]:
+                hit &= lab["size"] == SIZES.index(a["size"])
+            if a["position"] in ("left", "right"):
+                hit &= lab["horizontal"] == ("left", "right").index(a["position"])
+            if a["position"] in ("top", "bottom"):
+                hit &= lab["vertical"] == ("top", "bottom").index(a["position"])
+            # rare size + side combinations may only exist among the reference (even) ids
+            idx = torch.nonzero(hit & odd if (hit & odd).any() else hit).flatten()
             if len(idx) == 0:
                 raise ValueError(f"no real test image for {p!r}")
-            pools[(c, s)] = idx[torch.randperm(len(idx), generator=g)].tolist()
-        picks.append(pools[(c, s)].pop())
-    return judge_images(xb[picks] / 2 + 0.5, prompts, judge)
+            pools[p] = idx[torch.randperm(len(idx), generator=g)].tolist()
+        picks.append(pools[p].pop())
+    return judge_images(x[picks] / 2 + 0.5, prompts, judge)
