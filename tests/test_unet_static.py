@@ -158,7 +158,7 @@ class TwoExperts(tp.Pruner):
                  "channels": {3: torch.zeros(c3, dtype=torch.bool)}}
         return [half, other]
 
-    def route(self, context):
+    def route(self, context, mask=None, sample=None):
         if self.codes is not None:
             return torch.tensor(self.codes)
         return (context[:, 0, 0] > 0).long()
