@@ -248,9 +248,9 @@ class DecoderAdapter(HookedAdapter):
             if not bool((pids[..., 0] == expected).all()):
                 raise TokenPruneError(f"the new tokens' positions start at {pids[..., 0].tolist()}, the pruned KV "
                                       f"cache's sequence continues at {expected.tolist()}: {restart}")
-        request.next_position = pids[..., -1] + 1
         mask = kwargs.get("attention_mask")
         if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            request.next_position = pids[..., -1] + 1
             return  # a prepared 4-D mask (or per-layer-type masks) already spans the dense keys
         if mask is not None and mask.shape[-1] != keys:
             raise TokenPruneError(f"the attention mask covers {mask.shape[-1]} tokens, but the pruned KV cache's "
@@ -264,6 +264,7 @@ class DecoderAdapter(HookedAdapter):
             visible = visible & mask.bool()[:, None, None, :]
         dtype = x.dtype if x.is_floating_point() else self.base.get_input_embeddings().weight.dtype
         kwargs["attention_mask"] = self._as_mask(visible, dtype)
+        request.next_position = pids[..., -1] + 1  # only once the call is accepted
 
     def _sliding_window(self) -> int | None:
         types = getattr(self.config, "layer_types", None)

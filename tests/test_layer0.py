@@ -174,7 +174,7 @@ def test_cache_pruned_before_layer0_follows_the_rule():
     ids = prompt(20)
     mask = torch.ones(1, 21, dtype=torch.long)
     with torch.no_grad():
-        with tp.pruning(model, tp.RandomDrop(layer=0, keep_ratio=0.5)):
+        with tp.pruning(model, tp.RandomDrop(layer=0, keep_ratio=0.5)) as handle:
             out = model(ids, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
             twin = copy.deepcopy(out.past_key_values)
@@ -183,9 +183,19 @@ def test_cache_pruned_before_layer0_follows_the_rule():
             with pytest.raises(tp.TokenPruneError, match="continue a cache pruned before layer 0 with the new tokens"):
                 model.generate(torch.cat([ids, nxt], 1), past_key_values=out.past_key_values, max_new_tokens=2,
                                do_sample=False)
+            with pytest.raises(tp.TokenPruneError, match="continue a cache pruned before layer 0 with the new tokens"):
+                model(nxt, past_key_values=out.past_key_values, attention_mask=torch.ones(1, 30, dtype=torch.long))
+            # the refusals left the cache and its request as they were: the new token alone continues it
+            step = model(nxt, past_key_values=out.past_key_values, attention_mask=mask,
+                         position_ids=torch.tensor([[20]])).logits[:, -1]
+            seg = torch.full((1, 21), int(tp.Segment.TEXT))
+            seg[:, -1] = int(tp.Segment.GENERATED)
+            with handle.segments(seg):
+                again = model(torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1]
+            assert torch.allclose(step, again, atol=1e-4, rtol=1e-4)
             out.past_key_values.crop(-3)
             with pytest.raises(tp.TokenPruneError, match=f"cropped or extended outside tokenprune; .*{RULE}"):
-                model(nxt, past_key_values=out.past_key_values, attention_mask=mask[:, 3:])
+                model(nxt, past_key_values=out.past_key_values, attention_mask=mask[:, 2:])
         with tp.pruning(model, tp.RandomDrop(layer=0, keep_ratio=0.5)):
             with pytest.raises(tp.TokenPruneError, match=f"filled under another pruner .*{RULE}"):
                 model(nxt, past_key_values=out.past_key_values, attention_mask=mask)
