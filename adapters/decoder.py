@@ -134,6 +134,7 @@ class Request:
     next_position: torch.Tensor | None = None  # (B or 1,) position the next new token takes (None: dense_len)
     dense_len: int = 0
     stats: Stats = field(default_factory=Stats)
+    row_offset: torch.Tensor | None = None  # (B,) left padding per row
 
     def held(self, layer: int) -> int:
         """Keys ``layer``'s cache holds (the dense length unless a reduction reached it)."""
@@ -154,6 +155,9 @@ class Call:
     positions: torch.Tensor | None = None  # renumbered positions of the slots (renumber_positions=True)
     positions_before_skip: torch.Tensor | None = None
     stash: tuple | None = None  # previous layer's input, for attention scores
+    dstash: tuple | None = None  # decode: previous layer's input for the new tokens, and its cache
+    layer_rope: tuple | None = None  # HF's rotary cos / sin of the current layer
+    hollow: list | None = None  # hooks that empty the block no token runs (see ``_hollow``)
 
     @property
     def state(self) -> TokenState:
@@ -196,7 +200,7 @@ class DecoderAdapter(HookedAdapter):
         self.hook(self.base.register_forward_hook(self._close_call, with_kwargs=True, always_call=True))
         for i, layer in enumerate(self.layers):
             self.hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
-            self.hook(layer.register_forward_hook(self._make_skip_hook(i)))
+            self.hook(layer.register_forward_hook(self._make_skip_hook(i), always_call=True))
         self.hook(self.base.norm.register_forward_pre_hook(self._restore_length))
 
     def detach(self):
@@ -274,6 +278,9 @@ class DecoderAdapter(HookedAdapter):
 
     def _close_call(self, module, args, kwargs, output):
         call, self.call = self.call, None
+        if call is not None:
+            self._unhollow(call)
+            call.dstash = None
         if call is not None and call.stream is not None:
             call.stream.release()  # also when the forward raised before the final norm
         if call is None or call.mode == "off" or call.stream is None:
@@ -297,7 +304,7 @@ class DecoderAdapter(HookedAdapter):
             if call.mode == "prefill":
                 hidden = self._prefill_layer(call, i, hidden, kwargs)
             else:
-                self._decode_layer(call, i, hidden, kwargs)
+                hidden = self._decode_layer(call, i, hidden, kwargs)
             if args:
                 args = (hidden, *args[1:])
             else:
@@ -328,9 +335,13 @@ class DecoderAdapter(HookedAdapter):
         else:
             segments = torch.full((B, N), int(Segment.GENERATED), device=dev)
             valid = torch.ones(B, N, dtype=torch.bool, device=dev)  # new tokens: padding was already counted
-        index = torch.arange(N, device=dev).expand(B, N)
+        if call.mode == "prefill":
+            call.request.row_offset = (valid.long().cumsum(1) == 0).sum(1)
+        # decode: the new tokens' absolute positions (what the layers' key_index record)
+        index = (torch.arange(N, device=dev) + (call.start_len if call.mode == "decode" else 0)).expand(B, N)
         info = dict(self.token_info) if call.mode == "prefill" else {}
-        call.stream = Stream(TokenState(0, len(self.layers), hidden, index, valid, segments.to(dev), token_info=info))
+        call.stream = Stream(TokenState(0, len(self.layers), hidden, index, valid, segments.to(dev), token_info=info,
+                                        row_offset=call.request.row_offset, decoding=call.mode == "decode"))
         mask = kwargs.get("attention_mask")
         if mask is not None and not torch.is_tensor(mask):
             raise UnsupportedModelError("tokenprune needs tensor attention masks (sdpa or eager attention)")
@@ -338,6 +349,7 @@ class DecoderAdapter(HookedAdapter):
     def _prefill_layer(self, call: Call, i: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
         stream, st = call.stream, call.state
         st.layer, st.hidden = i, hidden
+        call.layer_rope = kwargs.get("position_embeddings")  # HF's, before it is fitted to the slots
         st._attention = (lambda q: self._attention(call, q)) if call.stash is not None else None
         st._keys = (lambda: self._keys(call)) if call.stash is not None else None
         version, merges = stream.version, len(stream.redirects)
@@ -350,19 +362,23 @@ class DecoderAdapter(HookedAdapter):
             self._reduce(call, i, reduction)
         if stream.version != version:
             record_reduction(call.request.stats, i, st, stream.redirects[merges:])
+        hollow = self._is_hollow(call, i)
         if stream.changed:
             self._rewrite_kwargs(call, i, kwargs)
             req = call.request
             req.key_index[i], req.key_valid[i] = st.index, st.valid
             if i == 0 and kwargs.get("past_key_values") is not None:  # every layer holds the same pruned count
                 kwargs["past_key_values"].tokenprune_before_layer0 = True  # so check_foreign_cache knows it
+            if hollow:  # the block runs on no token: its cache stays empty
+                req.key_index[i], req.key_valid[i] = st.index[:, :0], st.valid[:, :0]
+                self._hollow(call, i, kwargs)
             if self.renumber:
                 req.shift[i] = stream.dense_count - stream.alive_count
-        call.stash = (i, st.hidden, kwargs.get("position_embeddings"), st.valid)
+        call.stash = (i, st.hidden, kwargs.get("position_embeddings"), st.valid, None)
         stats = call.request.stats
         stats.tokens_per_layer.append(st.valid.sum(1).tolist())
         B, n = st.index.shape
-        stats.flops += B * decoder_layer_flops(self.config, n, n)
+        stats.flops += 0 if hollow else B * decoder_layer_flops(self.config, n, n)
         stats.dense_flops += B * decoder_layer_flops(self.config, stream.N, stream.N)
         return st.hidden
 
@@ -373,8 +389,9 @@ class DecoderAdapter(HookedAdapter):
             call.positions_before_skip = None if reduction.persistent else before
             call.positions = (valid.long().cumsum(1) - 1).clamp_min(0) if reduction.persistent else gather_rows(before, slots)
         if call.stash is not None:  # a later pruner at this layer scores the reduced set
-            li, h, rope, _ = call.stash
-            call.stash = (li, gather_rows(h, slots), tuple(gather_rows(t, slots) for t in rope), valid)
+            li, h, rope, _, ran = call.stash
+            call.stash = (li, gather_rows(h, slots), tuple(gather_rows(t, slots) for t in rope), valid,
+                          None if ran is None else ran.gather(1, slots))
 
     def _positions(self, call: Call) -> torch.Tensor:
         if call.positions is None:
@@ -437,17 +454,67 @@ class DecoderAdapter(HookedAdapter):
     def _make_skip_hook(self, i):
         def hook(module, args, output):
             call = self.call
-            if call is None or call.stream is None or call.mode != "prefill":
+            if call is None or call.stream is None or call.mode == "off":
+                return None
+            self._unhollow(call)
+            skip = call.stream.skip
+            if output is None or skip is None or skip[0] != i:  # (output is None: the block raised)
                 return None
             out = output[0] if isinstance(output, tuple) else output
             merged = call.stream.unskip(i, out)
-            if merged is None:
-                return None
-            if self.renumber:
-                call.positions = call.positions_before_skip
+            if call.mode == "prefill":
+                self._widen_stash(call, i, skip)
+                if self.renumber:
+                    call.positions = call.positions_before_skip
             return (merged, *output[1:]) if isinstance(output, tuple) else merged
 
         return hook
+
+    def _widen_stash(self, call: Call, i: int, skip):
+        """After block i: its stash (input of the tokens that ran it) in the slots of all tokens, so
+        the next layer's scores index the current slots; ``ran`` marks who ran block i."""
+        if call.stash is None or call.stash[0] != i:
+            return
+        _, slots, valid, full, (index, all_valid, _, _) = skip
+        B, n = all_valid.shape
+        if self.renumber:
+            rope = self._rope(i, full, call.positions_before_skip)
+        else:
+            rope = tuple(gather_rows(t, index) for t in call.layer_rope)
+        ran = torch.zeros(B, n, dtype=torch.bool, device=slots.device).scatter(1, slots, valid)
+        call.stash = (i, full, rope, all_valid, ran)
+
+    # ---- blocks no token runs ---------------------------------------------------------
+    def _is_hollow(self, call: Call, i: int) -> bool:
+        skip = call.stream.skip
+        return skip is not None and skip[0] == i and not bool(skip[2].any())
+
+    def _hollow(self, call: Call, i: int, kwargs):
+        """Every token skips block i, but a forward hook cannot cancel the block's call, and the
+        attention reshapes fail on a 0-token input. So it runs on one filler slot per row with its
+        linear layers emptied (input cut to 0 rows, output zeros: no matmul) and no KV cache
+        (nothing is stored); the output is discarded by ``Stream.unskip``. Only this thread's call
+        is affected; the hooks go at the block's post-hook."""
+        kwargs["past_key_values"] = None
+        kwargs["attention_mask"] = None  # one query, one key: nothing to mask
+        call.hollow = []
+
+        def empty_input(mod, args):
+            if self.call is call:
+                return (args[0][..., :0, :], *args[1:])
+
+        def zero_output(mod, args, out):
+            if self.call is call:
+                return out.new_zeros(*out.shape[:-2], 1, out.shape[-1])
+
+        for mod in self.layers[i].modules():
+            if isinstance(mod, nn.Linear):
+                call.hollow += [mod.register_forward_pre_hook(empty_input), mod.register_forward_hook(zero_output)]
+
+    def _unhollow(self, call: Call):
+        for h in call.hollow or ():
+            h.remove()
+        call.hollow = None
 
     def _restore_length(self, module, args):
         call = self.call
@@ -457,43 +524,145 @@ class DecoderAdapter(HookedAdapter):
         return None if out is None else (out, *args[1:])
 
     # ---- decode steps ---------------------------------------------------------------
-    def _decode_layer(self, call: Call, i: int, hidden: torch.Tensor, kwargs):
+    def _decode_layer(self, call: Call, i: int, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        """Fit the mask (and positions, after renumbering) to the keys layer i's cache holds; routers
+        (``Pruner.routes_decode``) may let new tokens skip the block: those leave no key in it."""
         req = call.request
         B, q = hidden.shape[:2]
         stats = req.stats
         dense_keys = call.start_len + q
         stats.dense_flops += B * decoder_layer_flops(self.config, q, dense_keys)
-        if i not in req.key_index:
-            stats.flops += B * decoder_layer_flops(self.config, q, dense_keys)
-            return
         cache = kwargs.get("past_key_values")
+        rope = kwargs.get("position_embeddings")
+        kept = self._route_decode(call, i, hidden)  # (slots, valid) of the new tokens that run block i
+        if kept is None and i not in req.key_index:
+            stats.flops += B * decoder_layer_flops(self.config, q, dense_keys)
+            call.dstash = (i, hidden, rope, None, cache)
+            return hidden
+        if i not in req.key_index:  # first reduction of this layer: its history is dense
+            if cache is not None and cache.layers[i].get_seq_length() != call.start_len:
+                raise TokenPruneError(f"layer {i}'s KV cache holds {cache.layers[i].get_seq_length()} keys, not "
+                                      f"the {call.start_len} of the sequence: sliding-window layers are supported "
+                                      "only while the sequence fits the window")
+            req.key_index[i] = torch.arange(call.start_len, device=hidden.device).expand(B, -1)
+            m2d = call.mask2d
+            req.key_valid[i] = (m2d[:, : call.start_len].bool() if m2d is not None and m2d.shape[1] >= dense_keys
+                                else torch.ones(B, call.start_len, dtype=torch.bool, device=hidden.device))
         held = req.key_index[i].shape[1]
         if cache is not None and cache.layers[i].get_seq_length() != held:
             raise TokenPruneError(
                 f"layer {i}'s KV cache holds {cache.layers[i].get_seq_length()} keys, tokenprune expected {held}: "
                 "the cache was cropped or edited outside tokenprune"
             )
-        new = (call.start_len + torch.arange(q, device=hidden.device)).expand(B, q)
-        index = torch.cat([req.key_index[i], new], dim=1)
-        valid = torch.cat([req.key_valid[i], torch.ones(B, q, dtype=torch.bool, device=hidden.device)], dim=1)
-        req.key_index[i], req.key_valid[i] = index, valid
-        stats.flops += B * decoder_layer_flops(self.config, q, index.shape[1])
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.shape[-1] != dense_keys:
             raise TokenPruneError(
                 f"layer {i} attends to a {mask.shape[-1]}-key window, not the whole cache: "
                 "sliding-window layers are supported only while the sequence fits the window"
             )
+        pids = kwargs.get("position_ids")
+        if self.renumber and i in req.shift:
+            pids = expand_rows(pids, B) - req.shift[i][:, None]
+            rope = self._rope(i, hidden, pids)
+        call.dstash = (i, hidden, rope, kept, cache)
+        if kept is None:
+            slots, new_valid = None, torch.ones(B, q, dtype=torch.bool, device=hidden.device)
+            new = (call.start_len + torch.arange(q, device=hidden.device)).expand(B, q)
+        else:
+            slots, new_valid = kept
+            new = call.start_len + slots
+            pids = None if pids is None else gather_rows(expand_rows(pids, B), slots)
+            rope = tuple(gather_rows(t, slots) for t in rope)
+            if not bool(new_valid.any()):  # no row's new token runs block i
+                kwargs["position_ids"], kwargs["position_embeddings"] = pids, rope
+                self._hollow(call, i, kwargs)
+                return call.state.hidden
+        m = new.shape[1]
+        index = torch.cat([req.key_index[i], new], dim=1)
+        valid = torch.cat([req.key_valid[i], new_valid], dim=1)
+        req.key_index[i], req.key_valid[i] = index, valid
+        stats.flops += B * decoder_layer_flops(self.config, m, index.shape[1])
         if mask is not None:
             mask = expand_rows(mask, B)
-            mask = mask_keys(mask.gather(3, index[:, None, None, :].expand(B, mask.shape[1], q, index.shape[1])), valid)
+            if slots is not None:
+                mask = mask.gather(2, slots[:, None, :, None].expand(B, mask.shape[1], m, mask.shape[-1]))
+            mask = mask_keys(mask.gather(3, index[:, None, None, :].expand(B, mask.shape[1], m, index.shape[1])), valid)
         elif not bool(valid.all()):
             mask = self._as_mask((index[:, None, None, :] <= new[:, None, :, None]) & valid[:, None, None, :], hidden.dtype)
         kwargs["attention_mask"] = mask
-        if self.renumber and i in req.shift:
-            pids = expand_rows(kwargs["position_ids"], B) - req.shift[i][:, None]
-            kwargs["position_ids"] = pids
-            kwargs["position_embeddings"] = self._rope(i, hidden, pids)
+        if slots is not None or (self.renumber and i in req.shift):
+            kwargs["position_ids"], kwargs["position_embeddings"] = pids, rope
+        return hidden if kept is None else call.state.hidden
+
+    def _route_decode(self, call: Call, i: int, hidden: torch.Tensor):
+        """Ask the routers scheduled before layer i about the new tokens; apply a Skip they answer."""
+        routers = [p for p in self.at.get(i, ()) if p.routes_decode]
+        if not routers:
+            return None
+        stream, st = call.stream, call.state
+        st.layer, st.hidden = i, hidden
+        st._attention = (lambda qs: self._decode_attention(call, qs)) if call.dstash is not None else None
+        st._context = (lambda qs: self._decode_context(call, qs)) if call.dstash is not None else None
+        st._keys = None
+        kept = None
+        for pruner in routers:
+            reduction = pruner.select(st)
+            if reduction is None or reduction.is_noop(st):
+                continue
+            if reduction.persistent:
+                raise TokenPruneError(f"{pruner.name}: at a decode step only a Skip can be applied (layer {i})")
+            if stream.skip is not None:
+                raise TokenPruneError(f"layer {i}: a Skip must be the last reduction before its layer")
+            kept = stream.reduce(i, reduction)
+        return kept
+
+    def _decode_context(self, call: Call, query_slots: torch.Tensor | None):
+        """Decode step: attention ``(B, heads, q, K)`` of the previous layer from the new tokens in
+        ``query_slots`` over the K keys its cache holds (this step's included), with their positions
+        and validity ``(B, K)``. A new token that skipped that layer has a row (from its hidden
+        state entering it) but no key."""
+        li, hidden, (cos, sin), kept, cache = call.dstash
+        layer, req = self.layers[li], call.request
+        attn = layer.self_attn
+        B, n, _ = hidden.shape
+        dev = hidden.device
+        if query_slots is None:
+            query_slots = torch.arange(n, device=dev).expand(B, n)
+        x = layer.input_layernorm(gather_rows(hidden, query_slots))
+        q = attn.q_proj(x).view(B, x.shape[1], -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        q = q.transpose(1, 2)
+        cos, sin = expand_rows(cos, B), expand_rows(sin, B)
+        q = self._rotate(q, q, gather_rows(cos, query_slots), gather_rows(sin, query_slots))[0]
+        if cache is None or not cache.layers[li].is_initialized:
+            K = 0
+            keys = q.new_zeros(B, 1, 0, q.shape[-1])
+        else:
+            keys = cache.layers[li].keys
+            K = keys.shape[2]
+        if li in req.key_index:
+            kindex, kvalid = req.key_index[li], req.key_valid[li]
+        else:
+            kindex = torch.arange(K, device=dev).expand(B, K) + (call.start_len + n - K)
+            m2d = call.mask2d
+            kvalid = (m2d[:, -K:].bool() if m2d is not None and m2d.shape[1] >= K and K
+                      else torch.ones(B, K, dtype=torch.bool, device=dev))
+        qpos = call.start_len + query_slots
+        visible = (kindex[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]
+        return attention_probs(q, keys, attn.scaling, visible[:, None]), kindex, kvalid
+
+    def _decode_attention(self, call: Call, query_slots: torch.Tensor | None) -> torch.Tensor:
+        """``state.attention`` at a decode step: ``_decode_context`` cut to the keys of the new slots
+        (``[.., t, t]``: what token t has received so far, from itself; 0 if it skipped that layer)."""
+        probs, kindex, kvalid = self._decode_context(call, query_slots)
+        B, H, q, K = probs.shape
+        n = call.dstash[1].shape[1]
+        new = kindex - call.start_len  # slot of each key among the new tokens (< 0: an older key)
+        own = (new >= 0) & kvalid
+        out = probs.new_zeros(B, H, q, n + 1)  # column n collects the older keys, then goes
+        col = torch.where(own, new, n)[:, None, None, :].expand(B, H, q, K)
+        return out.scatter_(3, col, probs * own[:, None, None, :])[..., :n]
 
     # ---- attention scores -----------------------------------------------------------
     def _attention(self, call: Call, query_slots: torch.Tensor | None) -> torch.Tensor:
@@ -502,7 +671,7 @@ class DecoderAdapter(HookedAdapter):
         Recomputed from that layer's own norm, projections and rotary embedding, so the model
         keeps running SDPA and nothing N x N is materialised unless asked for.
         """
-        li, hidden, (cos, sin), valid = call.stash
+        li, hidden, (cos, sin), valid, ran = call.stash
         layer = self.layers[li]
         attn = layer.self_attn
         B, n, D = hidden.shape
@@ -520,12 +689,17 @@ class DecoderAdapter(HookedAdapter):
         q = self._rotate(q, q, gather_rows(cos, query_slots), gather_rows(sin, query_slots))[0]
         k = self._rotate(k, k, cos, sin)[0]
         pos = torch.arange(n, device=hidden.device)
-        visible = (pos[None, None, :] <= query_slots[:, :, None]) & valid[:, None, :]
+        if ran is None:
+            visible = (pos[None, None, :] <= query_slots[:, :, None]) & valid[:, None, :]
+            return attention_probs(q, k, attn.scaling, visible[:, None])
+        # after a Skip at that layer: only the tokens that ran it are keys (the others left none in
+        # its cache); every token has a row, from its hidden state entering that layer
+        visible = (pos[None, None, :] <= query_slots[:, :, None]) & (valid & ran)[:, None, :]
         return attention_probs(q, k, attn.scaling, visible[:, None])
 
     def _keys(self, call: Call) -> torch.Tensor:
         """Previous layer's keys (B, kv_heads, n, head_dim) before rotary: content, not position."""
-        li, hidden, _, _ = call.stash
+        li, hidden, _, _, _ = call.stash
         layer = self.layers[li]
         attn = layer.self_attn
         B, n, _ = hidden.shape

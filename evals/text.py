@@ -21,6 +21,27 @@ def held_text(min_chars: int = 20_000) -> str:
     return "\n".join(parts)
 
 
+def calibration_text(min_chars: int = 60_000) -> str:
+    """Calibration text (e.g. ShortGPT's block influence): ``pydoc_data.topics`` taken from the *end*
+    of the sorted topics, so it never overlaps ``held_text`` (which evaluations read from the start)."""
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[key] for key in calibration_topics(min_chars))
+
+
+def calibration_topics(min_chars: int = 60_000) -> list[str]:
+    """The topic keys ``calibration_text(min_chars)`` reads (to check it against the held-out ones)."""
+    from pydoc_data.topics import topics
+
+    keys, size = [], 0
+    for key in sorted(topics, reverse=True):
+        keys.append(key)
+        size += len(topics[key])
+        if size >= min_chars:
+            break
+    return keys
+
+
 def token_block(tokenizer, length: int, offset: int = 0) -> torch.Tensor:
     """(1, length) token ids of held text, starting ``offset`` tokens in."""
     ids = tokenizer(held_text(8 * (length + offset)), return_tensors="pt").input_ids[:, offset : offset + length]

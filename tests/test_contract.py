@@ -51,7 +51,13 @@ CASES = {
     # recycling run in tests/test_lvlm.py; encoders run the defaults, skipped without pixels / grid)
     "vflowopt": (dict(layer=[1, 3], keep_ratio=0.6, segment="text", protect_first=1, alpha=0.0, recycle_grid=0),
                  dict(layer=[1, 3], keep_ratio=1.0, segment="text")),
+    # skip baselines (tests/test_skip.py): generated tokens skip too (skip-random, shortgpt)
+    "shortgpt": (dict(sparsity=0.25, scores=[1.0, 0.2, 0.5, 0.3]), dict(sparsity=0.0, scores=[1.0, 0.2, 0.5, 0.3])),
+    "skip-rank": (dict(sparsity=0.4), dict(sparsity=0.0)),
+    "skip-random": (dict(sparsity=0.4, seed=1), dict(sparsity=0.0)),
 }
+# decoder-only methods configured by sparsity (not layer / keep_ratio): no encoder case below
+DECODER_ONLY = {"shortgpt", "skip-rank", "skip-random"}
 # Methods that need what only another family provides (an LVLM's vision tower or image grid, a
 # U-Net's feature map): here they must raise the library's error; their contract runs in that
 # family's tests (tests/test_lvlm.py, tests/test_unet.py). name -> (config, error message pattern)
@@ -310,7 +316,7 @@ def test_smollm2_contract(smollm2):
 
 # ---- ViT / CLIP encoders ---------------------------------------------------------------
 VISUAL = dict(segment="visual", protect_first=0, protect_last=0)
-ENCODER_NAMES = sorted(CASES) + sorted(ENGINE_CASES)
+ENCODER_NAMES = sorted(set(CASES) - DECODER_ONLY) + sorted(ENGINE_CASES)
 
 
 def make_visual(name, noop=False):
@@ -347,7 +353,7 @@ def test_encoder_contract(encoder, name):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(set(CASES) - DECODER_ONLY))
 def test_encoder_never_drops_prefix_tokens(encoder, name):
     model, forward = encoder
     prefix = 2 if "DeiT" in type(model).__name__ else 1

@@ -28,10 +28,14 @@ LVLM_CASES = {
     # before decoder layer 0 (name@0): the language model runs on, and caches, the kept tokens only
     "random@0": (dict(layer=0, keep_ratio=0.5, seed=3, **VISUAL), dict(layer=0, keep_ratio=1.0, **VISUAL)),
     "visionzip@0": (dict(layer=0, keep_ratio=0.4, contextual_share=0.3), dict(layer=0, keep_ratio=1.0)),
+    # token / block skipping in the language model (every segment: they ask nothing of visual tokens)
+    "shortgpt": (dict(sparsity=0.25, scores=[1.0, 0.2, 0.5, 0.3]), dict(sparsity=0.0, scores=[1.0, 0.2, 0.5, 0.3])),
+    "skip-rank": (dict(sparsity=0.4), dict(sparsity=0.0)),
+    "skip-random": (dict(sparsity=0.4, seed=1), dict(sparsity=0.0)),
 }
 ALL = sorted(LVLM_CASES) + sorted(ENGINE_CASES)
 # methods made for another family: on an LVLM they must get the library's error, not run wrongly
-LVLM_REFUSED = {"tome-sd", "unet-static"}
+LVLM_REFUSED = {"tome-sd", "unet-static", "aptp"}
 
 
 def make(name, noop=False):

@@ -56,6 +56,9 @@ class Pruner:
     #: from the input alone (position, randomness, a vision tower's view), so it may run before a
     #: decoder's layer 0, where the sequence entering the language model is shortened
     reads_previous_layer: ClassVar[bool] = True
+    #: routers: ``select`` is also asked at every decode step, with the new tokens as the slots
+    #: (``state.decoding``); it may answer a ``Skip`` there, so generated tokens skip blocks too
+    routes_decode: ClassVar[bool] = False
 
     target: str = field(default="auto", kw_only=True)  # "vision" / "language": where in an LVLM it goes
 

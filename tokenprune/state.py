@@ -65,10 +65,15 @@ class TokenState:
     timestep: float | None = None
     _attention: Callable[[torch.Tensor | None], torch.Tensor] | None = field(default=None, repr=False)
     _keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    _context: Callable | None = field(default=None, repr=False)
     input_segments: frozenset = field(default=frozenset(), repr=False)
     # per original token (B, N, ...) facts an adapter knows, e.g. an LVLM's "image", "row", "col";
     # a value may be a zero-argument callable, computed once on first use
     token_info: dict = field(default_factory=dict, repr=False)
+    # (B,) left padding per row, so ``positions()`` counts from each row's first real token
+    row_offset: torch.Tensor | None = field(default=None, repr=False)
+    # True at a decode step: the slots are the new tokens only (``Pruner.routes_decode``)
+    decoding: bool = False
 
     def __post_init__(self):
         # what the input contained, so "segment missing" is told apart from "already pruned away"
@@ -92,6 +97,18 @@ class TokenState:
             raise TokenPruneError(f"attention scores are not available at layer {self.layer}")
         return self._attention(query_slots)
 
+    def context_attention(self, query_slots: torch.Tensor | None = None):
+        """``(probs (B, heads, q, K), key_index (B, K), key_valid (B, K))``: the previous layer's
+        attention of the query slots over every key they saw, with the keys' original positions.
+
+        At prefill the keys are the current slots (``attention`` and ``index``); at a decode step
+        (``decoding``) they are everything that layer's KV cache holds (the prompt and earlier
+        tokens too), where ``attention`` only gives the new slots' columns.
+        """
+        if self._context is not None:
+            return self._context(query_slots)
+        return self.attention(query_slots), self.index, self.valid
+
     def keys(self) -> torch.Tensor:
         """Attention keys ``(B, heads, n, head_dim)`` of the previous layer (token similarity)."""
         if self._keys is None:
@@ -111,6 +128,13 @@ class TokenState:
         if callable(value):
             value = self.token_info[name] = value()
         return gather_rows(value, self.index)
+
+    def positions(self) -> torch.Tensor:
+        """(B, n) each slot's position among its row's real tokens (0 = the first; left padding
+        not counted), so a row gets the same positions alone or in a padded batch."""
+        if self.row_offset is None:
+            return self.index
+        return self.index - self.row_offset.to(self.index.device)[:, None]
 
     def token_sizes(self) -> torch.Tensor:
         if self.sizes is None:

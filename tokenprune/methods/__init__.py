@@ -2,6 +2,8 @@
 from .atp import ATP
 from .fastv import FastV
 from .random import RandomDrop
+from .shortgpt import ShortGPT
+from .skip import SkipRandom, SkipRank
 from .tome import ToMe
 from .tome_sd import ToMeSD
 from .unet_static import UNetStatic
@@ -9,4 +11,4 @@ from .visionzip import VisionZip
 from .vflowopt import VFlowOpt
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["ATP", "FastV", "RandomDrop", "ToMe", "ToMeSD", "UNetStatic", "VFlowOpt", "VisionZip", "ZeroTPrune"]
+__all__ = ["ATP", "FastV", "RandomDrop", "ShortGPT", "SkipRandom", "SkipRank", "ToMe", "ToMeSD", "UNetStatic", "VFlowOpt", "VisionZip", "ZeroTPrune"]
