@@ -21,7 +21,8 @@ asked for. Stats count the transformer blocks' matmuls (what reductions change),
 Width pruners (``unet-static``, APTP) have ``experts(units)`` instead of token reductions: at
 attach their experts' kept heads and feed-forward channels become sliced copies of the block
 parts (``Widths``), swapped in while attached (with several experts, each call's rows are
-grouped by the expert the pruner's ``route(encoder_hidden_states)`` picks) and swapped back
+grouped by the expert the pruner's ``route(encoder_hidden_states, mask=, sample=)`` picks, listed
+per row in ``stats.codes``) and swapped back
 out, the original module objects, on ``remove()``.
 """
 from __future__ import annotations
@@ -181,7 +182,8 @@ class UNetAdapter(HookedAdapter):
                      "stats": Stats(dense_tokens=[]), "open": set(), "groups": None}
         if self.widths:
             context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-            self.call["groups"] = self.widths.groups(context, sample.shape[0])
+            self.call["groups"] = self.widths.groups(context, sample.shape[0], mask=kwargs.get("encoder_attention_mask"),
+                                                     sample=sample)
 
     def _close_call(self, module, args, output):
         call, self.call = self.call, None
@@ -532,17 +534,23 @@ class Widths:
             setattr(b, part, original)
         self.swapped.clear()
 
-    def groups(self, context, batch: int):
-        """[(expert, rows, count)] of one call: rows a slice where the group is contiguous."""
+    def groups(self, context, batch: int, mask=None, sample=None):
+        """[(expert, rows, count)] of one call: rows a slice where the group is contiguous.
+
+        ``route(context, mask=, sample=)`` sees the call's ``encoder_hidden_states``, its
+        ``encoder_attention_mask`` and noisy ``sample`` (which pairs a guidance batch's rows);
+        the experts it picks go to the call's ``stats.codes``."""
         if len(self.parts) == 1:
             return None
         if context is None:
             raise TokenPruneError(f"{self.pruner.name} routes by encoder_hidden_states, which this call lacks")
-        codes = torch.as_tensor(self.pruner.route(context))
+        codes = torch.as_tensor(self.pruner.route(context, mask=mask, sample=sample))
         if codes.shape != (batch,) or codes.dtype.is_floating_point or bool((codes < 0).any()) \
                 or bool((codes >= len(self.parts)).any()):
             raise TokenPruneError(f"{self.pruner.name}: route() must give one expert index in "
                                   f"[0, {len(self.parts)}) per row ({batch} rows), got {codes.tolist()}")
+        if self.adapter.call is not None:
+            self.adapter.call["stats"].codes = codes.tolist()
         out = []
         for k in codes.unique().tolist():
             rows = (codes == k).nonzero().flatten()

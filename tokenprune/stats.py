@@ -45,6 +45,7 @@ class Stats:
     # and the (source, target) original positions of tokens merged before it (for plots and the app)
     kept: dict[int, list[list[int]]] = field(default_factory=dict)
     merged: dict[int, list[list[tuple[int, int]]]] = field(default_factory=dict)
+    codes: list[int] | None = None  # routed width pruning (APTP): the expert (code) of each row
 
     @property
     def flops_ratio(self) -> float:
@@ -76,6 +77,8 @@ class Stats:
         )
         if self.dense_kv_bytes:  # encoders and U-Nets keep no KV cache
             text += f", KV {self.kv_bytes / 2**20:.2f} MiB vs {self.dense_kv_bytes / 2**20:.2f} MiB ({self.kv_ratio:.1%})"
+        if self.codes is not None:
+            text += f", code per row {self.codes}"
         if self.tokens_per_layer and not self.pruned_anything:
             # say why, or a user reads "100%" as a broken pruner
             text += (
@@ -98,4 +101,5 @@ class Stats:
             "kv_ratio": self.kv_ratio,
             "kept": {str(k): v for k, v in self.kept.items()},
             "merged": {str(k): v for k, v in self.merged.items()},
+            "codes": self.codes,
         }
