@@ -65,6 +65,7 @@ ELSEWHERE = {
     "visionzip": (dict(layer=1, keep_ratio=0.5, segment="text"), "does not provide per-token 'vision_cls_attention'"),
     "tome-sd": (dict(ratio=0.5, blocks=[1]), "2-D token grid"),
     "unet-static": (dict(keep=0.5), "slices the transformer blocks of a diffusers U-Net"),  # tests/test_unet_static.py
+    "aptp": (dict(), "slices the transformer blocks of a diffusers U-Net"),  # tests/test_aptp.py
     "atp": (dict(layer=1, checkpoint=None), "no 'visual' tokens"),  # scores visual tokens by text -> image attention
 }
 ENGINE_CASES = {

@@ -1,4 +1,5 @@
 """One module per method. Importing this package registers them all."""
+from .aptp import APTP
 from .atp import ATP
 from .fastv import FastV
 from .random import RandomDrop
@@ -11,4 +12,4 @@ from .visionzip import VisionZip
 from .vflowopt import VFlowOpt
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["ATP", "FastV", "RandomDrop", "ShortGPT", "SkipRandom", "SkipRank", "ToMe", "ToMeSD", "UNetStatic", "VFlowOpt", "VisionZip", "ZeroTPrune"]
+__all__ = ["APTP", "ATP", "FastV", "RandomDrop", "ShortGPT", "SkipRandom", "SkipRank", "ToMe", "ToMeSD", "UNetStatic", "VFlowOpt", "VisionZip", "ZeroTPrune"]

@@ -1,0 +1,181 @@
+"""The learned half of APTP (Ganjdanesh et al., 2024): prompt -> architecture code.
+
+A hypernetwork reads the frozen text encoder's token states of a prompt (a bidirectional GRU
+over the tokens, summed, LayerNorm, ReLU, one linear head per width group) and answers an
+*architecture vector*: one logit per gate. The gates are the width groups of each U-Net
+transformer block: its attention heads (one gate per head, shared by self- and cross-attention)
+and its feed-forward channels (one gate per ``channel_group`` hidden channels).
+
+A codebook of ``K`` architecture codes (orthogonal init) holds the only widths that are ever
+built: a prompt runs on the code nearest to its architecture vector (cosine of the gate
+probabilities, each gate weighted by the MACs it costs), so ``K`` smaller U-Nets are sliced
+once and a batch is served by grouping its prompts by code. A gate is
+``sigmoid((logit + offset + noise) / temperature)`` with logistic noise in training (the
+Gumbel-sigmoid trick) and none at inference; it keeps its width when that exceeds 1/2.
+Training assigns prompts to codes by Sinkhorn optimal transport (balanced use of the codes);
+``evals/train/train_aptp.py`` trains it.
+
+The router also remembers the unconditional prompt's pooled text state (``null``), so the
+unconditional rows of a classifier-free-guidance batch can follow their prompt's code.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+FILE = "aptp.safetensors"
+CONFIG = "config.json"
+VERSION = 1
+
+
+def group_sizes(layout: list[dict], channel_group: int) -> list[int]:
+    """Gates per width group, in order: block 0 heads, block 0 channel groups, block 1 heads, ..."""
+    sizes = []
+    for block in layout:
+        sizes += [block["heads"], block["channels"] // channel_group]
+    return sizes
+
+
+def gate_macs(layout: list[dict], channel_group: int, tokens: list[int], context: int) -> torch.Tensor:
+    """MACs per gate for one image: a head's share of attn1 + attn2 at the block's ``tokens``
+    (projections and attention) and a channel group's share of the feed-forward (GEGLU: two
+    input projections and one output)."""
+    out = []
+    for block, n in zip(layout, tokens):
+        dim, hd = block["dim"], block["head_dim"]
+        head = (4 * n * dim * hd + 2 * n * n * hd  # self-attention: q, k, v, out; scores and values
+                + 2 * n * dim * hd + 2 * context * block["context_dim"] * hd + 2 * n * context * hd)  # cross
+        ff = channel_group * n * 3 * dim
+        out += [head] * block["heads"] + [ff] * (block["channels"] // channel_group)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def gumbel_sigmoid(logits: torch.Tensor, temperature: float, offset: float, noise: bool = True,
+                   hard: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gates in [0, 1]; ``hard``: 0 / 1 forward with the soft gradient (straight-through)."""
+    x = logits + offset
+    if noise:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
+        x = x + u.log() - (-u).log1p()
+    soft = torch.sigmoid(x / temperature)
+    if not hard:
+        return soft
+    return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+
+
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """(B, K) balanced soft assignment of B rows to K codes (SwAV's Sinkhorn-Knopp): each code
+    gets about B / K rows. ``scores``: similarities (B, K)."""
+    q = torch.exp((scores - scores.max()) / eps).t()  # (K, B)
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).t()
+
+
+class APTPRouter(nn.Module):
+    """Hypernetwork + codebook for one U-Net ``layout`` (per transformer block: ``heads``,
+    ``head_dim``, ``channels`` (feed-forward hidden), ``dim``, ``context_dim``)."""
+
+    def __init__(self, layout: list[dict], num_codes: int = 4, text_dim: int = 384, hidden: int = 64,
+                 channel_group: int = 8, temperature: float = 0.4, offset: float = 2.0,
+                 tokens: list[int] | None = None, context: int = 8):
+        super().__init__()
+        for b in layout:
+            if b["channels"] % channel_group:
+                raise ValueError(f"feed-forward width {b['channels']} is not a multiple of channel_group {channel_group}")
+        self.config = dict(layout=[dict(b) for b in layout], num_codes=num_codes, text_dim=text_dim, hidden=hidden,
+                           channel_group=channel_group, temperature=temperature, offset=offset,
+                           tokens=list(tokens) if tokens else [64] * len(layout), context=context)
+        self.sizes = group_sizes(layout, channel_group)
+        self.gru = nn.GRU(text_dim, hidden, batch_first=True, bidirectional=True)
+        self.norm = nn.LayerNorm(2 * hidden)
+        self.heads = nn.ModuleList(nn.Linear(2 * hidden, s, bias=False) for s in self.sizes)
+        codes = torch.empty(num_codes, sum(self.sizes))
+        nn.init.orthogonal_(codes)
+        self.codes = nn.Parameter(codes)
+        self.register_buffer("macs", gate_macs(layout, channel_group, self.config["tokens"], context).float())
+        self.register_buffer("null", torch.zeros(text_dim))  # pooled unconditional text state (0: unknown)
+
+    @property
+    def num_codes(self) -> int:
+        return self.codes.shape[0]
+
+    # ---- prompt -> architecture vector ---------------------------------------------------
+    def forward(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D) gate logits of each prompt from its text states ``(B, L, text_dim)``."""
+        B, L, _ = context.shape
+        lengths = torch.full((B,), L) if mask is None else mask.bool().sum(1).clamp_min(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(context.float(), lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=L)
+        pooled = torch.relu(self.norm(out.sum(1)))
+        return torch.cat([head(pooled) for head in self.heads], dim=1)
+
+    def pooled(self, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, text_dim) mean of each prompt's valid token states."""
+        if mask is None:
+            return context.float().mean(1)
+        m = mask.float()[..., None]
+        return (context.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def is_null(self, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B,) bool: rows holding the unconditional prompt (always False if ``null`` is unknown)."""
+        if not bool(self.null.any()):
+            return torch.zeros(context.shape[0], dtype=torch.bool, device=context.device)
+        cos = nn.functional.cosine_similarity(self.pooled(context, mask), self.null[None].to(context.device), dim=-1)
+        return cos > 0.999
+
+    # ---- gates and codes -----------------------------------------------------------------
+    def gates(self, logits: torch.Tensor, **kw) -> torch.Tensor:
+        return gumbel_sigmoid(logits, self.config["temperature"], self.config["offset"], **kw)
+
+    def similarity(self, logits: torch.Tensor, code_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) cosine of MAC-weighted gate probabilities (no noise) of rows vs codes."""
+        w = (self.macs / self.macs.mean()).sqrt()
+        a = self.gates(logits, noise=False, hard=False) * w
+        c = self.gates(self.codes if code_logits is None else code_logits, noise=False, hard=False) * w
+        return nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(c, dim=-1).t()
+
+    def nearest(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B,) the code each row runs on at inference."""
+        return self.similarity(logits).argmax(dim=-1)
+
+    def split(self, vector: torch.Tensor) -> list[torch.Tensor]:
+        return list(vector.split(self.sizes, dim=-1))
+
+    def code_masks(self, k: int) -> tuple[dict, dict]:
+        """Code ``k`` as slice_unet masks: ``heads[i]`` (bool per head), ``channels[i]`` (bool per
+        feed-forward channel); a group never loses all its width (its strongest gate stays)."""
+        logits = self.codes[k].detach()
+        keep = self.split(logits + self.config["offset"] > 0)
+        for g, part in zip(keep, self.split(logits)):
+            if not bool(g.any()):
+                g[part.argmax()] = True
+        heads, channels = {}, {}
+        for i in range(len(self.config["layout"])):
+            heads[i] = keep[2 * i].clone()
+            channels[i] = keep[2 * i + 1].repeat_interleave(self.config["channel_group"])
+        return heads, channels
+
+    def kept_share(self, k: int) -> float:
+        """MAC share of code ``k``'s gates in the transformer blocks' prunable MACs (model card / stats)."""
+        heads, channels = self.code_masks(k)
+        g = self.config["channel_group"]
+        kept = torch.cat([torch.cat([heads[i].float(), channels[i][::g].float()]) for i in heads])
+        return float((kept * self.macs).sum() / self.macs.sum())
+
+    # ---- files -----------------------------------------------------------------------------
+    def save(self, folder: str, **meta) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, os.path.join(folder, FILE),
+                  metadata={"method": "aptp", "version": str(VERSION)})
+        with open(os.path.join(folder, CONFIG), "w") as f:
+            json.dump({"method": "aptp", "version": VERSION, **self.config, **meta}, f, indent=1)
