@@ -185,3 +185,30 @@ def test_training_script_smoke(tmp_path):
     assert (out / "README.md").is_file() and (out / "metrics.json").is_file()
     aptp = tp.build_pruner("aptp", checkpoint=str(out))
     assert aptp.router.num_codes == 4 and len(aptp.code_shares()) == 4
+
+
+def test_training_gates_compute_what_the_experts_compute(unet):
+    """train_aptp.py's 0 / 1 gates on a full U-Net equal each code's sliced expert (train = inference)."""
+    import copy
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_aptp", REPO / "evals" / "train" / "train_aptp.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    router = make_router(unet)
+    with torch.no_grad():
+        router.codes[1, : router.sizes[0]] = -9.0  # block 0 loses every head: the strongest one stays
+    gated = copy.deepcopy(unet)
+    gates = train.Gates(gated, router)
+    x, t, ctx = inputs(3)
+    gates.value = router.gates(router.codes, noise=False)  # row k on code k
+    out = run(gated, x, t, ctx)
+    gates.remove()
+    heads = [router.code_masks(k)[0][0] for k in range(3)]
+    assert int(heads[1].sum()) == 1
+    for k, e in enumerate(router_experts(router, unet)):
+        assert torch.allclose(out[k: k + 1], run(e, x[k: k + 1], t, ctx[k: k + 1]), atol=1e-5)
+
+
+def router_experts(router, unet):
+    return [slice_unet(unet, *router.code_masks(k)) for k in range(router.num_codes)]

@@ -54,16 +54,13 @@ def gate_macs(layout: list[dict], channel_group: int, tokens: list[int], context
 
 
 def gumbel_sigmoid(logits: torch.Tensor, temperature: float, offset: float, noise: bool = True,
-                   hard: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Gates in [0, 1]; ``hard``: 0 / 1 forward with the soft gradient (straight-through)."""
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Soft gates ``sigmoid((logits + offset + logistic noise) / temperature)`` in [0, 1]."""
     x = logits + offset
     if noise:
         u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-6, 1 - 1e-6)
         x = x + u.log() - (-u).log1p()
-    soft = torch.sigmoid(x / temperature)
-    if not hard:
-        return soft
-    return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+    return torch.sigmoid(x / temperature)
 
 
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iterations: int = 3) -> torch.Tensor:
@@ -132,8 +129,19 @@ class APTPRouter(nn.Module):
         return cos > 0.999
 
     # ---- gates and codes -----------------------------------------------------------------
-    def gates(self, logits: torch.Tensor, **kw) -> torch.Tensor:
-        return gumbel_sigmoid(logits, self.config["temperature"], self.config["offset"], **kw)
+    def gates(self, logits: torch.Tensor, noise: bool = True, hard: bool = True,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, D) gates of gate logits; ``hard``: 0 / 1 forward with the soft gradient
+        (straight-through), and a width group never loses all its units (its strongest stays, as
+        the reference's non-zero width), so training runs exactly what the sliced experts compute."""
+        soft = gumbel_sigmoid(logits, self.config["temperature"], self.config["offset"], noise, generator)
+        if not hard:
+            return soft
+        on = soft.detach() > 0.5
+        for part, value in zip(on.split(self.sizes, dim=-1), soft.detach().split(self.sizes, dim=-1)):
+            rows = (~part.any(-1)).nonzero().flatten()
+            part[rows, value[rows].argmax(-1)] = True  # a view of ``on``
+        return on.to(soft.dtype) + soft - soft.detach()
 
     def similarity(self, logits: torch.Tensor, code_logits: torch.Tensor | None = None) -> torch.Tensor:
         """(B, K) cosine of MAC-weighted gate probabilities (no noise) of rows vs codes."""
@@ -151,12 +159,8 @@ class APTPRouter(nn.Module):
 
     def code_masks(self, k: int) -> tuple[dict, dict]:
         """Code ``k`` as slice_unet masks: ``heads[i]`` (bool per head), ``channels[i]`` (bool per
-        feed-forward channel); a group never loses all its width (its strongest gate stays)."""
-        logits = self.codes[k].detach()
-        keep = self.split(logits + self.config["offset"] > 0)
-        for g, part in zip(keep, self.split(logits)):
-            if not bool(g.any()):
-                g[part.argmax()] = True
+        feed-forward channel): its noise-free hard gates."""
+        keep = self.split(self.gates(self.codes[k: k + 1].detach(), noise=False)[0] > 0.5)
         heads, channels = {}, {}
         for i in range(len(self.config["layout"])):
             heads[i] = keep[2 * i].clone()
