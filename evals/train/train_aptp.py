@@ -315,6 +315,12 @@ def routing_table(t2i, routing, num_codes):
              "|---|---|" + "---|" * num_codes]
     for (kind, shape), cnt in sorted(groups.items()):
         lines.append(f"| {kind} | {shape} | " + " | ".join(str(cnt.get(k, 0)) for k in range(num_codes)) + " |")
+    colors = {}
+    for p, k in routing.items():
+        colors.setdefault(t2i.COLORS[t2i.parse_prompt(p)[0]], Counter())[k] += 1
+    lines += ["", "By color:", "", "| color | " + " | ".join(f"code {k}" for k in range(num_codes)) + " |",
+              "|---|" + "---|" * num_codes]
+    lines += [f"| {c} | " + " | ".join(str(cnt.get(k, 0)) for k in range(num_codes)) + " |" for c, cnt in colors.items()]
     return "\n".join(lines)
 
 
@@ -367,7 +373,8 @@ The dense U-Net costs {ev['dense_unet_flops'] / 1e6:.1f} MFLOPs per image (32x32
 transformer blocks are {ev['blocks_share']:.1%} of that, the rest is convolutions (not pruned).
 Per code: the kept share of the transformer blocks' MACs, the whole sliced U-Net's FLOPs
 (`slice_unet` + `flop_counter`, one image), heads / feed-forward channels kept per block
-(of 4 heads; 128 or 256 channels), how many of the {len(ev['routing'])} prompts of the listed
+(of 4 heads; 128 or 256 channels; blocks in module order: down 16x16, down 8x8, mid 8x8, up 8x8
+twice, up 16x16 twice), how many of the {len(ev['routing'])} prompts of the listed
 kinds it gets, and faithfulness of dense and APTP images on the evaluation prompts routed to it.
 
 | code | transformer MACs kept | U-Net FLOPs ratio | MFLOPs | heads per block | ff channels per block | prompts | dense faithful | APTP faithful |
