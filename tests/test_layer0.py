@@ -244,3 +244,14 @@ def test_llava_7b_accounting_before_layer0():
     assert row["config"]["layer"] == 0 and row["tokens_per_layer"] == row["cached_keys_per_layer"] == [kept] * L
     assert row["kv_bytes"] == row["kv_bytes_adapter"] == L * kept * per_token and dense["kv_bytes"] == L * N * per_token
     assert row["kv_ratio"] == round(kept / N, 4) <= 0.2
+
+
+def test_half_precision_counts_the_bytes_the_cache_holds():
+    model = tiny_decoder("llama-eager").to(torch.bfloat16)  # eager: the adapter's additive decode mask in bf16
+    ids = prompt()
+    with torch.no_grad(), tp.pruning(model, tp.RandomDrop(layer=0, keep_ratio=0.5)) as handle:
+        out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        again = recompute_step_logits(model, handle, out.sequences, ids.shape[1])
+    assert handle.stats.kv_bytes == cache_bytes(out.past_key_values) < handle.stats.dense_kv_bytes
+    assert torch.allclose(torch.stack(out.logits, 1).float(), again.float(), atol=1e-2)
