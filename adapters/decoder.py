@@ -113,6 +113,26 @@ def refuse_retired_cache(*args, **kwargs):
     raise TokenPruneError("this KV cache was filled under a pruner that has been removed; " + CACHE_RULE)
 
 
+class ReorderRows:
+    """``cache.reorder_cache`` of a cache filled under decode-time routing (instance attribute).
+
+    Beam search reorders the cache's rows between steps; once generated tokens route by content,
+    beams of one prompt hold different keys, so the request's per-row key bookkeeping must follow.
+    """
+
+    def __init__(self, cache, request):
+        self.cache, self.request = weakref.ref(cache), weakref.ref(request)
+
+    def __call__(self, beam_idx):
+        cache, request = self.cache(), self.request()
+        type(cache).reorder_cache(cache, beam_idx)
+        if request is not None:
+            request.reorder(beam_idx)
+
+    def __reduce__(self):  # a pickled copy cannot be continued by tokenprune anyway
+        return (getattr, (sys.modules[__name__], "refuse_retired_cache"))
+
+
 def record_reduction(stats: Stats, layer: int, st: TokenState, redirects) -> None:
     """Which original tokens enter ``layer`` and which were merged into which, per row."""
     stats.kept[layer] = [row[ok].tolist() for row, ok in zip(st.index, st.valid)]
@@ -135,6 +155,13 @@ class Request:
     dense_len: int = 0
     stats: Stats = field(default_factory=Stats)
     row_offset: torch.Tensor | None = None  # (B,) left padding per row
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        for table in (self.key_index, self.key_valid, self.shift):
+            for layer, t in table.items():
+                table[layer] = t.index_select(0, rows.to(t.device))
+        if self.row_offset is not None:
+            self.row_offset = self.row_offset.index_select(0, rows.to(self.row_offset.device))
 
     def held(self, layer: int) -> int:
         """Keys ``layer``'s cache holds (the dense length unless a reduction reached it)."""
@@ -288,6 +315,9 @@ class DecoderAdapter(HookedAdapter):
         req = call.request
         self._account_kv(call)
         req.dense_len = call.start_len + call.stream.N
+        cache = kwargs.get("past_key_values")
+        if call.mode == "prefill" and cache is not None and any(p.routes_decode for p in self.pruners):
+            cache.reorder_cache = ReorderRows(cache, req)
         req.stats.forward_calls += 1
         self.last_stats = req.stats
         return None

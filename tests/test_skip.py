@@ -332,3 +332,18 @@ def test_smollm2_routed_generate_equals_recompute(smollm2):
                 again = recompute_step_logits(model, handle, seq, ids.shape[1])
             assert torch.allclose(logits, again, atol=1e-3, rtol=1e-3)
             assert 0.6 < stats.flops_ratio < 0.75
+
+
+def test_beam_search_reorders_the_routed_cache_rows():
+    """Beams of one prompt route their generated tokens differently, so they hold different keys:
+    every returned beam's token log-probs equal the routed model recomputed without a cache."""
+    model = tiny_decoder("llama-sdpa")
+    ids = prompt(seed=0)  # (beams reorder and route apart within 8 steps)
+    with torch.no_grad(), tp.pruning(model, HiddenRouter()) as handle:
+        out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, num_beams=3, num_return_sequences=3,
+                             do_sample=False, return_dict_in_generate=True, output_scores=True, length_penalty=0.0)
+        chosen = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+        P = ids.shape[1]
+        again = recompute_step_logits(model, handle, out.sequences, P).log_softmax(-1)
+    expected = again.gather(2, out.sequences[:, P:, None])[..., 0]
+    assert torch.allclose(chosen, expected, atol=1e-4)
