@@ -50,14 +50,14 @@ def kept_grid(stats, ids: torch.Tensor, image_token_id: int, grid: int):
     return out
 
 
-def run(methods, budget: float, n_images: int, out: str, seed: int = 0):
+def run(methods, budget: float, n_images: int, out: str, seed: int = 0, kinds=("easy-vqa",)):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     model, processor = load("tiny-llava")
-    items = vqa_data.easy_vqa_items("test", limit=n_images, seed=seed)
+    items = vqa_data.easy_vqa_items("test", limit=n_images, seed=seed, kinds=kinds)
     enc = processor(images=[i[0] for i in items], text=[vqa_data.build_prompt(i[1]) for i in items],
                     return_tensors="pt", padding=True)
     vc = model.config.vision_config
@@ -116,8 +116,10 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/tiny-llava/kept_tokens.png")
+    ap.add_argument("--kinds", nargs="+", default=["easy-vqa"], choices=vqa_data.KINDS,
+                    help="question kinds the images are asked (default easy-vqa)")
     args = ap.parse_args(argv)
-    run(args.methods, args.budget, args.images, args.out, args.seed)
+    run(args.methods, args.budget, args.images, args.out, args.seed, args.kinds)
     print(f"wrote {args.out}")
 
 

@@ -52,8 +52,17 @@ def check_llava_kinds(out):
 
     vocab = load_tiny_llava(path=str(out))[1].tokenizer.get_vocab()
     assert {"left", "right", "top", "bottom", "small", "large"} <= set(vocab)
-    by_type = json.loads((out / "training_metrics.json").read_text())["by_type"]
-    assert "position" in by_type and "size" in by_type and "yes/no" in by_type
+    trained = json.loads((out / "training_metrics.json").read_text())
+    assert "position" in trained["by_type"] and "size" in trained["by_type"] and "yes/no" in trained["by_type"]
+    assert trained["args"]["patch_position"] and not trained["args"]["hflip"]
+    # --eval-only: the saved model evaluated again, its training record kept, the card rewritten
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, str(REPO / "evals" / "train" / "train_tiny_llava.py"), "--eval-only",
+                          "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    again = json.loads((out / "training_metrics.json").read_text())
+    assert again["test_questions"] == trained["test_questions"] == 8 and again["steps"] == trained["steps"]
+    assert "--eval-only" in again["eval_command"] and "re-evaluated by" in (out / "README.md").read_text()
     return check_llava(out)
 
 
@@ -103,7 +112,8 @@ SCRIPTS = [  # script, smallest flags (~2 optimisation steps each), loader check
                                        "--eval-steps", "1", "--eval-guidance", "1.0"], check_t2i,
                  marks=no_easy_vqa, id="t2i"),
     pytest.param("train_atp.py", ["--steps", "2", "--batch", "4", "--train-items", "16", "--eval-items", "8",
-                                  "--eval-layers", "[[2, 4]]", "--threads", "1"], check_atp, marks=no_easy_vqa, id="atp"),
+                                  "--eval-layers", "[[2, 4]]", "--threads", "1", "--kinds", "easy-vqa", "position",
+                                  "size"], check_atp, marks=no_easy_vqa, id="atp"),
 ]
 
 

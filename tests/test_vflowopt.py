@@ -154,7 +154,7 @@ def test_shipped_configs_reproduce_their_study(file, tiny_llava_zoo):
     """Rerunning a shipped config on its calibration set gives the objective and share its record holds."""
     record = json.load(open(os.path.join(ZOO_WEIGHTS, "tiny-llava", "vflowopt", file.replace(".json", ".study.json"))))
     model, processor = tiny_llava_zoo
-    inputs = calibration_inputs(processor, record["items"], seed=record["seed"])
+    inputs = calibration_inputs(processor, record["items"], seed=record["seed"], kinds=record.get("kinds", ["easy-vqa"]))
     got = evaluate(model, inputs, last_hidden(model, inputs), tp.build_pruner(**record["config"]))
     assert got["objective"] == pytest.approx(record["objective"], abs=1e-5)
     assert got["kept_share"] == record["kept_share"] <= record["budget"]
@@ -232,6 +232,13 @@ def test_calibration_set_is_easy_vqa_train(tiny_llava_zoo):
     train = vqa_data.easy_vqa_items("train", limit=4, seed=0)
     expected = processor(images=[im for im, _, _ in train], return_tensors="pt")["pixel_values"]
     assert torch.equal(inputs["pixel_values"], expected)
+    kinds = ("easy-vqa", "position", "size")  # a mix: the derived questions' words are in the prompts
+    mixed = calibration_inputs(processor, 24, seed=0, kinds=kinds)
+    items = vqa_data.easy_vqa_items("train", limit=24, seed=0, kinds=kinds)
+    assert {vqa_data.kind_of(q) for _, q, _ in items} == set(kinds)
+    expected = processor(images=[im for im, _, _ in items], text=[vqa_data.build_prompt(q) for _, q, _ in items],
+                         return_tensors="pt", padding=True)
+    assert torch.equal(mixed["input_ids"], expected["input_ids"])
 
 
 def test_calibrate_under_a_flops_budget(tiny_llava_zoo):
@@ -251,3 +258,6 @@ def test_calibrate_refuses_bad_budgets_before_loading_anything(capsys):
     for budget in ("0", "1.0", "-0.2"):
         assert main(["calibrate", "vflowopt", "--model", "no-such-model", "--budget", budget, "--out", "x.json"]) == 2
         assert "budget must be a number in (0, 1)" in capsys.readouterr().err
+    assert main(["calibrate", "vflowopt", "--model", "no-such-model", "--budget", "0.1", "--out", "x.json",
+                 "--kinds", "colour"]) == 2
+    assert "unknown --kinds ['colour']" in capsys.readouterr().err

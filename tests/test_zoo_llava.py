@@ -69,3 +69,18 @@ def test_accuracy_well_above_chance(tiny_llava):
     acc = vqa_accuracy(model, processor, items, batch_size=64)
     # chance: ~50% on yes/no (74% of questions), 1/3 on shapes, 1/8 on colors -> ~0.43
     assert acc >= 0.85, acc
+
+
+def test_answers_where_the_shape_is_and_how_large(tiny_llava):
+    """The shipped model is trained on the position / size questions derived from the image masks too;
+    left / right needs each visual token's column (its tower was trained to keep it, see the card)."""
+    from tokenprune.zoo.vqa_data import kind_of
+
+    model, processor = tiny_llava
+    items = easy_vqa_items("test", limit=96, seed=0, kinds=("position", "size"))
+    _, preds = vqa_accuracy(model, processor, items, batch_size=96, return_predictions=True)
+    groups = {"left/right": [], "top/bottom": [], "size": []}
+    for (_, q, a), p in zip(items, preds):
+        groups["size" if kind_of(q) == "size" else "left/right" if "left" in q else "top/bottom"].append(p == a)
+    for name, hits in groups.items():
+        assert len(hits) >= 15 and sum(hits) / len(hits) >= 0.85, (name, sum(hits), len(hits))

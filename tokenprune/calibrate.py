@@ -49,11 +49,12 @@ TEXT_QUERIES = (0, 1, 2, 4, 8)
 
 
 # ---- calibration set and objective -------------------------------------------------------------
-def calibration_inputs(processor, items: int = 32, seed: int = 0) -> dict:
-    """One left-padded batch of easy-vqa TRAIN questions (never the test split the results use)."""
+def calibration_inputs(processor, items: int = 32, seed: int = 0, kinds=("easy-vqa",)) -> dict:
+    """One left-padded batch of easy-vqa TRAIN questions (never the test split the results use);
+    ``kinds`` as in ``vqa_data.easy_vqa_items`` (position / size questions need the layout)."""
     from .zoo import vqa_data
 
-    chosen = vqa_data.easy_vqa_items("train", limit=items, seed=seed)
+    chosen = vqa_data.easy_vqa_items("train", limit=items, seed=seed, kinds=kinds)
     tok = processor.tokenizer
     side, tok.padding_side = tok.padding_side, "left"
     try:
@@ -168,7 +169,7 @@ def check_args(budget, kind, trials, items) -> None:
 
 # ---- the study ---------------------------------------------------------------------------------
 def calibrate(model, processor, budget: float, kind: str = "tokens", trials: int = 80, items: int = 32,
-              seed: int = 0, progress: bool = True) -> dict:
+              seed: int = 0, progress: bool = True, kinds=("easy-vqa",)) -> dict:
     """Run the study; returns ``{"config": ..., "objective": ..., "kept_share": ..., ...}``."""
     try:
         import optuna
@@ -181,7 +182,7 @@ def calibrate(model, processor, budget: float, kind: str = "tokens", trials: int
         raise TokenPruneError(f"calibrate: {type(model).__name__} is not an LVLM with image tokens")
     t0 = time.perf_counter()
     num_layers = model.config.text_config.num_hidden_layers
-    inputs = calibration_inputs(processor, items, seed)
+    inputs = calibration_inputs(processor, items, seed, kinds)
     dense = last_hidden(model, inputs)
     tokens = budget if kind == "tokens" else token_budget_for_flops(model, inputs, dense, budget)
     choices = schedules(num_layers, tokens)
@@ -221,7 +222,8 @@ def calibrate(model, processor, budget: float, kind: str = "tokens", trials: int
     config["budget"] = float(budget)
     return {"config": config, "objective": best.value, "kept_share": best.user_attrs["kept_share"],
             "flops_rel": best.user_attrs["flops_rel"], "kind": kind, "budget": float(budget),
-            "token_budget": tokens, "trials": trials, "items": items, "seed": seed, "best_trial": best.number,
+            "token_budget": tokens, "trials": trials, "items": items, "kinds": list(kinds), "seed": seed,
+            "best_trial": best.number,
             "first_trial_objective": study.trials[0].value, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -241,6 +243,8 @@ def build_parser(prog: str = "tokenprune calibrate") -> argparse.ArgumentParser:
     ap.add_argument("--trials", type=int, default=80, help="optuna trials (default: 80)")
     ap.add_argument("--items", type=int, default=32, help="easy-vqa train questions in the calibration set (default: 32)")
     ap.add_argument("--seed", type=int, default=0, help="sampler and calibration-set seed (default: 0)")
+    ap.add_argument("--kinds", nargs="+", default=["easy-vqa"], metavar="KIND",
+                    help="question kinds of the calibration set: easy-vqa, position, size (default: easy-vqa)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads")
     return ap
 
@@ -248,12 +252,18 @@ def build_parser(prog: str = "tokenprune calibrate") -> argparse.ArgumentParser:
 def main(argv=None, prog: str = "tokenprune calibrate") -> int:
     args = build_parser(prog).parse_args(argv)
     check_args(args.budget, args.kind, args.trials, args.items)
+    from .zoo.vqa_data import KINDS as QUESTION_KINDS
+
+    bad = [k for k in args.kinds if k not in QUESTION_KINDS]
+    if bad:
+        raise TokenPruneError(f"calibrate: unknown --kinds {bad}; choose from {', '.join(QUESTION_KINDS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from . import zoo
 
     model, processor = zoo.load(args.model) if not os.path.isdir(args.model) else zoo.load("tiny-llava", path=args.model)
-    result = calibrate(model, processor, args.budget, kind=args.kind, trials=args.trials, items=args.items, seed=args.seed)
+    result = calibrate(model, processor, args.budget, kind=args.kind, trials=args.trials, items=args.items, seed=args.seed,
+                       kinds=args.kinds)
     result["command"] = " ".join(["tokenprune calibrate"] + list(sys.argv[2:] if argv is None else argv))
     with open(args.out, "w") as f:
         json.dump(result["config"], f, indent=1)

@@ -1,6 +1,7 @@
 """Train the ATP-LLaVA threshold head for ``tiny-llava`` (the frozen base model is not changed).
 
-Data: easy-vqa TRAIN questions (PyPI ``easy-vqa``); the answer tokens are the dense model's own
+Data: easy-vqa TRAIN questions (PyPI ``easy-vqa``; ``--kinds`` adds the position / size questions
+derived from the images, as tiny-llava is trained); the answer tokens are the dense model's own
 greedy answer (``vqa_data.format_answer`` text + ``</s>``) on the items it answers correctly.
 Each step draws an ATP layer schedule and a budget (``keep_ratio``, log-uniform), runs the
 model with soft masks (``tokenprune.methods.atp.SoftMasks``: attention-key weights, no token is
@@ -9,7 +10,7 @@ gap between each row's kept share and the layer's target; the hard share inferen
 the soft masks' gradient, straight-through). Writes ``atp.safetensors``,
 ``metrics.json`` and a model card to ``--out``.
 
-    flock /tmp/tp-heavy.lock .venv/bin/python evals/train/train_atp.py
+    .venv/bin/python evals/train/train_atp.py --kinds easy-vqa position size
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ sys.path.insert(0, REPO)
 
 import tokenprune as tp  # noqa: E402
 from tokenprune.methods.atp import ATPHead, SoftMasks  # noqa: E402
-from tokenprune.zoo.vqa_data import build_prompt, easy_vqa_items, parse_answer, vqa_accuracy  # noqa: E402
+from tokenprune.zoo.vqa_data import KINDS, build_prompt, easy_vqa_items, parse_answer, vqa_accuracy  # noqa: E402
 
 OUT_DIR = os.path.join(REPO, "tokenprune", "zoo", "weights", "tiny-llava", "atp")
 SCHEDULES = [(1,), (2,), (3,), (1, 3), (2, 4), (1, 2), (2, 3)]
@@ -88,7 +89,8 @@ Load: `tp.build_pruner("atp", checkpoint="tiny-llava", layer=..., keep_ratio=...
 checkpoint). Trained for the 6-layer `tiny-llava` decoder; other depths get the library's error.
 
 ## Data
-easy-vqa TRAIN split (PyPI `easy-vqa`, nothing downloaded): {m['train_items']} questions (seed {args.seed}),
+easy-vqa TRAIN split (PyPI `easy-vqa`, nothing downloaded), question kinds {', '.join(args.kinds)}
+(`easy_vqa_items("train", limit={args.train_items}, seed={args.seed}, kinds=...)`): {m['train_items']} questions,
 of which the {m['train_used']} the frozen dense tiny-llava answers correctly; the answer tokens are its own
 greedy answer text + `</s>`. Test questions are never used in training.
 
@@ -106,7 +108,7 @@ on a 2-core CPU (run under the shared heavy-job lock; other developers' tests ma
 Final LM loss {m['final_lm']:.4f}, budget loss {m['final_budget']:.5f} (means of the last 50 steps).
 
 ## Result (hard masks, `generate`)
-easy-vqa TEST, first {m['eval_items']} of the seeded subset (`easy_vqa_items("test", limit={m['eval_items']}, seed=0)`):
+easy-vqa TEST, the seeded subset `easy_vqa_items("test", limit={m['eval_items']}, seed=0, kinds={tuple(args.kinds)})`:
 dense accuracy {m['dense_accuracy']:.4f}. `kept visual` = mean share of each prompt's visual tokens entering the last layer.
 
 | layer | keep_ratio | accuracy | kept visual |
@@ -151,6 +153,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=OUT_DIR)
+    ap.add_argument("--kinds", nargs="+", default=["easy-vqa"], choices=KINDS,
+                    help="question kinds to train and check on (vqa_data.easy_vqa_items); default easy-vqa")
     args = ap.parse_args()
     progress = not os.environ.get("TQDM_DISABLE")
     t0 = time.time()
@@ -160,7 +164,7 @@ def main():
     model, processor = tp.zoo.load("tiny-llava")
     model.requires_grad_(False).eval()
     layers = model.model.language_model.layers
-    items = easy_vqa_items("train", limit=args.train_items, seed=args.seed)
+    items = easy_vqa_items("train", limit=args.train_items, seed=args.seed, kinds=args.kinds)
     data = dense_answers(model, processor, items, 64, progress)
     head = ATPHead(num_layers=len(layers))
     opt = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.0)
@@ -191,7 +195,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     head.save(os.path.join(args.out, "atp.safetensors"), trained_on="tiny-llava", steps=len(log), seed=args.seed)
 
-    test = easy_vqa_items("test", limit=args.eval_items, seed=0)
+    test = easy_vqa_items("test", limit=args.eval_items, seed=0, kinds=args.kinds)
     results = []
     dense = vqa_accuracy(model, processor, test, progress=progress)
     for layer in json.loads(args.eval_layers):
@@ -203,7 +207,7 @@ def main():
                                 kept_visual=kept_visual(model, processor, test, pruner)))
             print(results[-1], flush=True)
     tail = log[-50:]
-    m = dict(command="flock /tmp/tp-heavy.lock .venv/bin/python evals/train/train_atp.py " + shlex.join(sys.argv[1:]),
+    m = dict(command=".venv/bin/python evals/train/train_atp.py " + shlex.join(sys.argv[1:]),
              parameters=sum(p.numel() for p in head.parameters()), train_items=len(items), train_used=len(data),
              steps_done=len(log), train_seconds=train_seconds, total_seconds=time.time() - t0,
              final_lm=sum(a for a, _ in tail) / len(tail), final_budget=sum(b for _, b in tail) / len(tail),
