@@ -51,13 +51,16 @@ CASES = {
     # recycling run in tests/test_lvlm.py; encoders run the defaults, skipped without pixels / grid)
     "vflowopt": (dict(layer=[1, 3], keep_ratio=0.6, segment="text", protect_first=1, alpha=0.0, recycle_grid=0),
                  dict(layer=[1, 3], keep_ratio=1.0, segment="text")),
+    # no router fits these tiny models: the static attention-rank rule (a random router for them,
+    # routing generated tokens too, runs in tests/test_ftp.py)
+    "ftp": (dict(sparsity=0.4, checkpoint=None), dict(sparsity=0.0, checkpoint=None)),
     # skip baselines (tests/test_skip.py): generated tokens skip too (skip-random, shortgpt)
     "shortgpt": (dict(sparsity=0.25, scores=[1.0, 0.2, 0.5, 0.3]), dict(sparsity=0.0, scores=[1.0, 0.2, 0.5, 0.3])),
     "skip-rank": (dict(sparsity=0.4), dict(sparsity=0.0)),
     "skip-random": (dict(sparsity=0.4, seed=1), dict(sparsity=0.0)),
 }
 # decoder-only methods configured by sparsity (not layer / keep_ratio): no encoder case below
-DECODER_ONLY = {"shortgpt", "skip-rank", "skip-random"}
+DECODER_ONLY = {"ftp", "shortgpt", "skip-rank", "skip-random"}
 # Methods that need what only another family provides (an LVLM's vision tower or image grid, a
 # U-Net's feature map): here they must raise the library's error; their contract runs in that
 # family's tests (tests/test_lvlm.py, tests/test_unet.py). name -> (config, error message pattern)

@@ -32,6 +32,7 @@ LVLM_CASES = {
     "shortgpt": (dict(sparsity=0.25, scores=[1.0, 0.2, 0.5, 0.3]), dict(sparsity=0.0, scores=[1.0, 0.2, 0.5, 0.3])),
     "skip-rank": (dict(sparsity=0.4), dict(sparsity=0.0)),
     "skip-random": (dict(sparsity=0.4, seed=1), dict(sparsity=0.0)),
+    "ftp": (dict(sparsity=0.4, checkpoint=None), dict(sparsity=0.0, checkpoint=None)),  # static rule: no router fits
 }
 ALL = sorted(LVLM_CASES) + sorted(ENGINE_CASES)
 # methods made for another family: on an LVLM they must get the library's error, not run wrongly

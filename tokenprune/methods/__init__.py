@@ -2,6 +2,7 @@
 from .aptp import APTP
 from .atp import ATP
 from .fastv import FastV
+from .ftp import FTP
 from .random import RandomDrop
 from .shortgpt import ShortGPT
 from .skip import SkipRandom, SkipRank
@@ -12,4 +13,4 @@ from .visionzip import VisionZip
 from .vflowopt import VFlowOpt
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["APTP", "ATP", "FastV", "RandomDrop", "ShortGPT", "SkipRandom", "SkipRank", "ToMe", "ToMeSD", "UNetStatic", "VFlowOpt", "VisionZip", "ZeroTPrune"]
+__all__ = ["APTP", "ATP", "FastV", "FTP", "RandomDrop", "ShortGPT", "SkipRandom", "SkipRank", "ToMe", "ToMeSD", "UNetStatic", "VFlowOpt", "VisionZip", "ZeroTPrune"]

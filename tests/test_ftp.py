@@ -1,0 +1,160 @@
+"""FTP: the learned token router (tokenprune/methods/ftp.py), its training script and shipped files."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenprune as tp
+from tokenprune.methods.ftp import Router, uniform_schedule
+
+from .conftest import tiny_decoder
+from .test_contract import assert_untouched, greedy, hook_count, params_of, prompt, recompute_step_logits
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "tokenprune" / "zoo" / "weights" / "smollm2-135m" / "ftp"
+sys.path.insert(0, str(REPO / "evals" / "train"))
+
+
+def router_file(folder, num_layers=4, hidden_size=64, seed=0):
+    """A random router checkpoint for a model of this shape (its logits straddle 0, so both decisions occur)."""
+    torch.manual_seed(seed)
+    path = os.path.join(folder, "ftp.safetensors")
+    Router(8, num_layers=num_layers, hidden_size=hidden_size).save(path)
+    return path
+
+
+def position_router_file(folder, middle: int):
+    """A hand-set router for the 4-layer test models: tokens after position ``middle`` skip (the
+    attention share nudges it a little), so generated tokens route both ways."""
+    from tokenprune.methods.ftp import POSITION_SCALE
+
+    router = Router(8, num_layers=4, hidden_size=64)
+    with torch.no_grad():
+        for lin in router.net[::2]:
+            lin.weight.zero_()
+            lin.bias.zero_()
+        router.net[0].weight[0, 0], router.net[0].weight[0, 1], router.net[0].bias[0] = 1.0, 0.01, 1.0
+        router.net[2].weight[0, 0] = 1.0
+        router.net[4].weight[0, 0] = -100.0
+        pos = torch.tensor([[torch.log1p(torch.tensor(middle + 0.5)) / POSITION_SCALE, 0.0, 0.5, 0.4]])
+        router.net[4].bias[0] = -router(pos)[0]
+    path = os.path.join(folder, "position.safetensors")
+    router.save(path)
+    return path
+
+
+def skipped_share(stats, num_layers):
+    """Share of the row's token-block computations skipped, from the per-block kept counts."""
+    n = stats.dense_tokens[0]
+    return sum(n - row[0] for row in stats.tokens_per_layer) / (n * num_layers)
+
+
+def test_loads_the_shipped_router_by_name():
+    ftp = tp.build_pruner("ftp", sparsity=0.3)
+    assert ftp.checkpoint == "smollm2-135m" and ftp.router.num_layers == 30 and ftp.router.hidden_size == 576
+    assert os.path.getsize(SHIPPED / "ftp.safetensors") < 20_000  # a few thousand parameters
+    assert tp.build_pruner(**ftp.to_dict()).router is ftp.router  # round-trips, loaded once
+    for budget in ("0.2", "0.3", "0.4"):  # the searched schedules ship as configs
+        config = json.loads((SHIPPED / f"ftp-{budget}.json").read_text())
+        p = tp.build_pruner(**config)
+        assert p.sparsity == float(budget) and len(p.schedule) == 30 and p.schedule[0] == 0.0
+        assert abs(sum(p.schedule) / 30 - float(budget)) < 1e-3
+        assert tp.build_pruner("ftp", sparsity=float(budget), schedule="searched").schedule == p.schedule
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
+    model, ids = tiny_decoder("llama-sdpa"), prompt()
+    before, hooks = params_of(model), hook_count(model)
+    with torch.no_grad():
+        dense = model(ids).logits
+    with pytest.raises(tp.TokenPruneError, match="trained for a 30-layer decoder; this model has 4"):
+        tp.prune(model, tp.build_pruner("ftp"))  # the shipped SmolLM2 router
+    wide = router_file(tmp_path, num_layers=4, hidden_size=576)
+    with pytest.raises(tp.TokenPruneError, match="trained for hidden size 576; this model has 64"):
+        with torch.no_grad(), tp.pruning(model, tp.build_pruner("ftp", checkpoint=wide)):
+            model(ids)
+    with pytest.raises(tp.TokenPruneError, match="schedule lists 3 blocks; this model has 4"):
+        tp.prune(model, tp.build_pruner("ftp", sparsity=0.2, schedule=[0, 0.3, 0.3], checkpoint=None))
+    with pytest.raises(tp.TokenPruneError, match="no checkpoint"):
+        tp.build_pruner("ftp", checkpoint=str(tmp_path / "missing"))
+    with pytest.raises(tp.TokenPruneError, match="mean sparsity is 0.150"):
+        tp.build_pruner("ftp", sparsity=0.3, schedule=[0, 0.3, 0.3, 0.0], checkpoint=None)
+    assert_untouched(model, before, hooks, ids, dense)
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.4])
+def test_realised_sparsity_matches_the_config(tmp_path, sparsity):
+    model, ids = tiny_decoder("llama-sdpa"), prompt(64, batch=2)
+    for ckpt in (router_file(tmp_path), None):
+        with torch.no_grad(), tp.pruning(model, tp.build_pruner("ftp", sparsity=sparsity, checkpoint=ckpt)) as h:
+            model(ids)
+        # the prompt's tokens: round(s_i * n) skip each block (block 0 never): the share is the target
+        assert abs(skipped_share(h.stats, 4) - sparsity) <= 2 / 64
+        counts = [row[0] for row in h.stats.tokens_per_layer]
+        per_block = round(uniform_schedule(sparsity, 4)[1] * 64)
+        assert counts == [64] + [64 - per_block] * 3
+
+
+def test_sparsity_zero_is_dense_exactly(tmp_path):
+    model, ids = tiny_decoder("qwen2"), prompt()
+    with torch.no_grad():
+        dense, dense_seq = model(ids).logits, greedy(model, ids)[0]
+        with tp.pruning(model, tp.build_pruner("ftp", sparsity=0.0, checkpoint=router_file(tmp_path))):
+            assert torch.equal(model(ids).logits, dense)
+            assert torch.equal(greedy(model, ids)[0], dense_seq)
+
+
+def test_first_token_never_skips_and_generated_tokens_route_like_a_recompute(tmp_path):
+    model, ids = tiny_decoder("llama-sdpa"), prompt(32)
+    ftp = tp.build_pruner("ftp", sparsity=0.4, checkpoint=position_router_file(tmp_path, middle=34))
+    with torch.no_grad(), tp.pruning(model, ftp) as h:
+        model(ids)
+        assert all(0 in h.stats.kept[i][0] for i in h.stats.kept)
+        seq, logits = greedy(model, ids, n=6)
+        decoded = h.stats
+        again = recompute_step_logits(model, h, seq, ids.shape[1])
+        seg = torch.full(seq.shape, int(tp.Segment.TEXT))
+        seg[:, 32:] = int(tp.Segment.GENERATED)
+        with h.segments(seg):
+            model(seq)
+    assert torch.allclose(logits, again, atol=1e-4, rtol=1e-4)
+    # generated tokens 32..34 run every block, 35.. skip blocks 1-3: at decode as in the recompute
+    assert [row[0] for row in h.stats.tokens_per_layer] == [38] + [32 - 17 + 3] * 3
+    assert decoded.flops < decoded.dense_flops
+
+
+def test_training_hooks_route_as_the_library(tmp_path):
+    """Hard routing through train_ftp.py's hooks (what training optimises) equals the library's Skip."""
+    from train_ftp import SoftRouting
+
+    model, ids = tiny_decoder("llama-sdpa"), prompt(40)
+    ftp = tp.build_pruner("ftp", sparsity=0.3, checkpoint=router_file(tmp_path))
+    with torch.no_grad():
+        with tp.pruning(model, ftp):
+            library = model(ids).logits
+        with SoftRouting(model, ftp.router, generated=0.0) as soft:
+            soft.reset()
+            soft.schedule = uniform_schedule(0.3, 4)
+            hooks = model(ids).logits
+        dense = model(ids).logits
+    assert not torch.allclose(library, dense, atol=1e-2)
+    assert torch.allclose(library, hooks, atol=1e-4), (library - hooks).abs().max()
+
+
+def test_training_script_smoke(tmp_path, smollm2):
+    """Two steps of evals/train/train_ftp.py on SmolLM2 into a temp dir (the shipped router is untouched)."""
+    import train_ftp
+
+    shipped = (SHIPPED / "ftp.safetensors").read_bytes()
+    train_ftp.main(["--steps", "2", "--length", "48", "--calib-blocks", "1", "--eval-limit", "0",
+                    "--out", str(tmp_path)], loaded=smollm2)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps_done"] == 2 and len(metrics["log"]) == 2
+    assert set(metrics["split"]) == {"held", "train", "calibration"} and metrics["split"]["held"] > 0
+    assert "FTP router for SmolLM2-135M" in (tmp_path / "README.md").read_text()
+    p = tp.build_pruner("ftp", sparsity=0.3, checkpoint=str(tmp_path))
+    assert p.router.num_layers == 30
+    assert (SHIPPED / "ftp.safetensors").read_bytes() == shipped

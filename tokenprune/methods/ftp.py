@@ -1,0 +1,256 @@
+"""FTP (Li et al., 2024): a learned router lets tokens skip decoder blocks one token at a time.
+
+Before each block ``i >= 1`` one small MLP, shared by every block, reads four scalars per token
+and says whether the token runs the block or passes it by on the residual stream (``Skip``: it
+leaves no keys / values in that block and rejoins after it unchanged):
+
+- *position*: ``log(1 + p) / log(4096)`` with ``p`` the token's position in its row;
+- *attention score*: the share of the token's own attention (head mean, previous block) that
+  goes to the row's first token, the attention sink: how idle the token currently is;
+- *attention rank*: the rank of that score among the row's prompt tokens, in [0, 1];
+- *target sparsity* of this block (from the schedule).
+
+Decisions are hard at inference. The prompt's tokens are ranked by the router's logit and the
+``round(s_i * n)`` lowest skip block ``i`` (``n``: the row's prompt tokens), so the realised
+sparsity is the target. Generated tokens (``Segment.GENERATED``) are routed one by one: they skip
+where the logit is below a threshold calibrated after training so that the target share of them
+skips on average (``Router.thresholds``, per block sparsity); their rank input is 0.5, unknown. Every input is causal (a token's own attention row), so a prompt's
+routing never depends on the tokens generated after it, and a token routes the same in
+``generate`` as in a cache-free recompute. The first token of each row is never routed away: it
+is the attention sink every later token reads in every block. Block 0 is never routed (no
+attention before it), so a uniform schedule skips ``sparsity * L / (L - 1)`` per block ``>= 1``.
+
+``sparsity``: the share of token-block computations skipped (0.0 = dense, bit-exact; 0.3 on a
+30-block model skips as many as removing 9 blocks). ``schedule``: per-block sparsities (length =
+the model's depth, block 0 at 0, mean = ``sparsity``); ``"searched"``: the one
+``evals/train/search_ftp.py`` found for this ``sparsity``, shipped beside the router; None = uniform. ``checkpoint``: a shipped model name (``"smollm2-135m"``, the default), a
+path to an ``ftp.safetensors`` (or its folder), or None for no learned router: the static
+attention-rank rule the router is guided towards in training (the prompt tokens with the highest
+sink share skip; generated tokens never do), which needs no weights and fits any model. Training: ``evals/train/train_ftp.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from ..errors import TokenPruneError
+from ..pruner import Pruner, check_ratio, register_pruner
+from ..reductions import Skip
+from ..state import Segment
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo", "weights")
+FILE = "ftp.safetensors"
+NUM_FEATURES = 4
+POSITION_SCALE = math.log(4096.0)
+
+
+class Router(nn.Module):
+    """Four scalars per token -> keep logit (> 0: run the block)."""
+
+    def __init__(self, hidden: int = 32, num_layers: int = 0, hidden_size: int = 0, thresholds=()):
+        super().__init__()
+        self.num_layers, self.hidden_size = num_layers, hidden_size  # the model it was trained for (0: any)
+        # (block sparsity, logit) pairs: a generated token skips when its logit is below the value
+        # interpolated at its block's sparsity (calibrated after training); none: 0
+        self.thresholds = [tuple(t) for t in thresholds]
+        self.net = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)[..., 0]
+
+    def threshold(self, sparsity: float) -> float:
+        """Logit below which a generated token skips a block of this sparsity."""
+        if not self.thresholds:
+            return 0.0
+        xs, ys = zip(*self.thresholds)
+        if sparsity <= xs[0]:
+            return ys[0]
+        for (x0, y0), (x1, y1) in zip(self.thresholds, self.thresholds[1:]):
+            if sparsity <= x1:
+                return y0 + (y1 - y0) * (sparsity - x0) / (x1 - x0)
+        return ys[-1]
+
+    def save(self, path: str, **meta) -> None:
+        from safetensors.torch import save_file
+
+        info = {"method": "ftp", "features": str(NUM_FEATURES), "hidden": str(self.net[0].out_features),
+                "num_layers": str(self.num_layers), "hidden_size": str(self.hidden_size),
+                "thresholds": json.dumps(self.thresholds),
+                **{k: json.dumps(v) for k, v in meta.items()}}
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path, metadata=info)
+
+
+def checkpoint_path(checkpoint: str) -> str:
+    """A shipped model name's router, or a path (file, or folder holding ``ftp.safetensors``)."""
+    shipped = os.path.join(WEIGHTS_DIR, checkpoint, "ftp", FILE)
+    if os.sep not in checkpoint and "/" not in checkpoint and os.path.isfile(shipped):
+        return shipped
+    path = os.path.join(checkpoint, FILE) if os.path.isdir(checkpoint) else checkpoint
+    if not os.path.isfile(path):
+        names = sorted(d for d in os.listdir(WEIGHTS_DIR) if os.path.isfile(os.path.join(WEIGHTS_DIR, d, "ftp", FILE)))
+        raise TokenPruneError(f"ftp: no checkpoint {checkpoint!r}: give a path to an {FILE} or a shipped "
+                              f"model name ({', '.join(names) or 'none shipped'})")
+    return path
+
+
+@lru_cache(maxsize=8)
+def load_router(path: str) -> Router:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # not a safetensors file
+        raise TokenPruneError(f"ftp: cannot read checkpoint {path}: {e}") from None
+    if meta.get("method") != "ftp" or int(meta.get("features", -1)) != NUM_FEATURES:
+        raise TokenPruneError(f"ftp: {path} is not an FTP router for this version (method={meta.get('method')!r}, "
+                              f"{meta.get('features')} features; expected {NUM_FEATURES})")
+    router = Router(int(meta["hidden"]), int(meta["num_layers"]), int(meta["hidden_size"]),
+                    json.loads(meta.get("thresholds", "[]")))
+    try:
+        router.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise TokenPruneError(f"ftp: {path} does not fit the FTP router: {e}") from None
+    return router.eval().requires_grad_(False)
+
+
+def first_key(index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: each row's first real token among the keys (the smallest original position)."""
+    pos = torch.where(valid, index, torch.iinfo(index.dtype).max)
+    return valid & (pos == pos.amin(dim=1, keepdim=True))
+
+
+def features(sink: torch.Tensor, positions: torch.Tensor, prompt: torch.Tensor, sparsity) -> torch.Tensor:
+    """(B, n, 4) router inputs from each token's attention share on the sink ``(B, n)``, its
+    position in the row ``(B, n)`` and the routed prompt tokens ``(B, n)`` (their rank group);
+    other tokens get rank 0.5. ``sparsity``: the block's target, a float or ``(B, 1)``."""
+    order = sink.masked_fill(~prompt, float("inf")).argsort(dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    count = prompt.sum(1, keepdim=True)
+    rank = torch.where(prompt, rank.float() / (count - 1).clamp_min(1), torch.full_like(sink, 0.5))
+    pos = torch.log1p(positions.float().clamp_min(0)) / POSITION_SCALE
+    target = torch.as_tensor(sparsity, dtype=sink.dtype, device=sink.device).expand_as(sink)
+    return torch.stack([pos, sink, rank, target], dim=-1)
+
+
+def skip_count(prompt: torch.Tensor, first: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """(B,) prompt tokens to skip: ``round(sparsity * n)`` of the row's ``n`` prompt tokens
+    (the first included), at most the routable ones."""
+    n = (prompt | first).sum(1).double()
+    return torch.minimum((n * sparsity + 0.5).floor().long(), prompt.sum(1))
+
+
+def searched_schedule(checkpoint: str | None, sparsity: float) -> tuple[float, ...] | None:
+    """The schedule ``search_ftp.py`` found for ``sparsity``, shipped beside the router (``schedules.json``)."""
+    if sparsity == 0.0:
+        return None
+    if checkpoint is None:
+        raise TokenPruneError("ftp: schedule='searched' needs a checkpoint (the schedules ship beside the router)")
+    path = os.path.join(os.path.dirname(checkpoint_path(checkpoint)), "schedules.json")
+    found = json.load(open(path)) if os.path.isfile(path) else {}
+    if f"{sparsity:g}" not in found:
+        raise TokenPruneError(f"ftp: no searched schedule for sparsity {sparsity:g} beside {checkpoint!r} "
+                              f"(searched: {', '.join(sorted(found)) or 'none'}); run evals/train/search_ftp.py")
+    return tuple(found[f"{sparsity:g}"])
+
+
+def uniform_schedule(sparsity: float, num_layers: int) -> list[float]:
+    """Block 0 dense, the others alike, mean ``sparsity`` (capped at 1 per block)."""
+    per = min(1.0, sparsity * num_layers / max(num_layers - 1, 1))
+    return [0.0] + [per] * (num_layers - 1)
+
+
+@register_pruner("ftp")
+@dataclass
+class FTP(Pruner):
+    """``sparsity``: share of token-block computations skipped; ``schedule``: per-block shares
+    (None: uniform); ``checkpoint``: shipped model name, path, or None (static attention rule)."""
+
+    routes_decode = True  # generated tokens are routed at every decode step too
+
+    sparsity: float = 0.3
+    schedule: tuple[float, ...] | str | None = None
+    checkpoint: str | None = "smollm2-135m"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ratio(self.name, "sparsity", self.sparsity)
+        if self.schedule == "searched":
+            self.schedule = searched_schedule(self.checkpoint, self.sparsity)
+        if self.schedule is not None:
+            if not isinstance(self.schedule, (list, tuple)) or not self.schedule:
+                raise TokenPruneError(f"ftp: schedule must be a list of per-block sparsities, got {self.schedule!r}")
+            for s in self.schedule:
+                check_ratio(self.name, "schedule entries", s)
+            self.schedule = tuple(float(s) for s in self.schedule)
+            if self.schedule[0] != 0.0:
+                raise TokenPruneError("ftp: schedule[0] must be 0: block 0 has no attention before it to route by")
+            mean = sum(self.schedule) / len(self.schedule)
+            if abs(mean - self.sparsity) > 0.01:
+                raise TokenPruneError(f"ftp: the schedule's mean sparsity is {mean:.3f}, but sparsity is "
+                                      f"{self.sparsity}: give the schedule's mean as sparsity")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, str):
+            raise TokenPruneError(f"ftp: checkpoint must be a model name, a path or None, got {self.checkpoint!r}")
+        self.router = None if self.checkpoint is None else load_router(checkpoint_path(self.checkpoint))
+
+    def block_sparsity(self, num_layers: int) -> list[float]:
+        return list(self.schedule) if self.schedule is not None else uniform_schedule(self.sparsity, num_layers)
+
+    def layers(self) -> list[int]:
+        if self.schedule is None:
+            raise TokenPruneError("ftp: its blocks depend on the model's depth (use layers_on(num_layers))")
+        return self.layers_on(len(self.schedule))
+
+    def layers_on(self, num_layers: int) -> list[int]:
+        if self.sparsity <= 0.0:
+            return []
+        return [i for i, s in enumerate(self.block_sparsity(num_layers)) if s > 0 and i < num_layers]
+
+    def validate(self, num_layers: int) -> None:
+        if self.schedule is not None and len(self.schedule) != num_layers:
+            raise TokenPruneError(f"ftp: the schedule lists {len(self.schedule)} blocks; this model has {num_layers}")
+        trained = self.router.num_layers if self.router is not None else 0
+        if trained and trained != num_layers:
+            raise TokenPruneError(f"ftp: checkpoint {self.checkpoint!r} was trained for a {trained}-layer decoder; "
+                                  f"this model has {num_layers} layers (train one for it, or checkpoint=None)")
+        super().validate(num_layers)
+
+    def logits(self, state, sparsity: float, prompt, generated):
+        """(B, n) keep logits: above 0 (prompt: among the highest) runs the block."""
+        # the previous block's attention over every key it holds (at a decode step: its whole cache)
+        probs, key_index, key_valid = state.context_attention(None)
+        sink = (probs.float().mean(dim=1) * first_key(key_index, key_valid)[:, None, :]).sum(-1)
+        feats = features(sink, state.positions(), prompt, sparsity)
+        if self.router is None:  # the static attention-rank rule: the most idle prompt tokens skip
+            return torch.where(generated, 1.0, -feats[..., 2])
+        size = self.router.hidden_size
+        if size and state.hidden.shape[-1] != size:
+            raise TokenPruneError(f"ftp: checkpoint {self.checkpoint!r} was trained for hidden size {size}; "
+                                  f"this model has {state.hidden.shape[-1]} (train one for it, or checkpoint=None)")
+        return self.router(feats.to(next(self.router.parameters()))).float()
+
+    def select(self, state):
+        sparsity = self.block_sparsity(state.num_layers)[state.layer]
+        if sparsity <= 0.0:
+            return None
+        routed = state.valid & (state.positions() > 0)  # the first token never skips
+        generated = routed & (state.segments == int(Segment.GENERATED))
+        prompt = routed & ~generated
+        if not (prompt.any() or (generated.any() and self.router is not None)):
+            return None  # nothing this rule could route (the static rule never routes generated tokens)
+        with torch.no_grad():
+            logit = self.logits(state, sparsity, prompt, generated)
+        k = skip_count(prompt, state.valid & ~routed & (state.segments != int(Segment.GENERATED)), sparsity)
+        order = logit.masked_fill(~prompt, float("inf")).argsort(dim=1, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        cut = self.router.threshold(sparsity) if self.router is not None else 0.0
+        skip = (prompt & (rank < k[:, None])) | (generated & (logit < cut))
+        return Skip(keep=state.valid & ~skip)
