@@ -17,6 +17,12 @@ against ``torch.utils.flop_counter`` in the tests; the stock counter skips the C
 kernel, so it is not used directly). Scoring work (recomputed attention, PageRank) is not in
 the FLOPs: it shows as time above the ideal.
 
+    python -m tokenprune.evals.bench skip [--methods shortgpt skip-rank skip-random] [--sparsity 0.3] [--lengths 512]
+
+skip: SmolLM2-135M prefill and per-token decode, dense vs token / block skipping at one
+sparsity, next to the FLOP ideal, with the routing overhead as a share of the dense prefill
+(``bench_skip``).
+
     python -m tokenprune.evals.bench lvlm [--methods fastv random:layer=0 ...] [--prunes 0.75 0.9] [--text 60]
     python -m tokenprune.evals.bench lvlm --accounting-only [--methods ...]
 
@@ -543,10 +549,149 @@ def bench_lvlm(methods=None, prunes=(0.75, 0.9), text=60, repeats=5, device=None
     return result
 
 
+SKIP_METHODS = ["shortgpt", "skip-rank", "skip-random"]  # append "ftp" when its router ships
+
+
+@torch.no_grad()
+def bench_skip(methods=None, sparsity=0.3, length=512, new_tokens=16, repeats=3, device=None) -> dict:
+    """SmolLM2-135M prefill (``length`` tokens) and per-token decode (``new_tokens`` greedy steps
+    after it), dense vs each skip method at ``sparsity``, in turns.
+
+    Prefill ideal: the dense model's own time at each layer's token count (the decoder timed at
+    the routed count, a block no token runs costs nothing), as for ``lvlm``. Decode ideal: the
+    dense step's time times the step's FLOPs ratio, the LM head's ``2 * hidden * vocab`` per token
+    included (it is never skipped). ``routing_share_of_dense``: time in the methods' ``select``
+    (attention recomputed, ranks, hashes) over the dense prefill; the rest of the gap to the
+    ideal is the engine's (gathers, masks, hook calls).
+    """
+    from tqdm.auto import tqdm
+
+    device = pick_device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model, tok = zoo.load("smollm2-135m", dtype=dtype)
+    model.to(device)
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    ids = token_block(tok, length).to(device)
+    names = methods or SKIP_METHODS
+    pruners = {name: build_pruner(name.split(":")[0], sparsity=sparsity, **_options(name)) for name in names}
+
+    def prefill(p=None):
+        def fn():
+            if p is None:
+                return model(ids, logits_to_keep=1)
+            with pruning(model, p):
+                return model(ids, logits_to_keep=1)
+        return fn
+
+    def decode(p=None):
+        """Seconds per decode step (the prefill before them is not timed) and the handle's stats."""
+        def fn():
+            handle = prune(model, p) if p is not None else None
+            try:
+                out = model(ids, use_cache=True, logits_to_keep=1)
+                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                before = (handle.stats.flops, handle.stats.dense_flops) if handle else (0, 0)
+                t0 = time.perf_counter()
+                for _ in range(new_tokens):
+                    out = model(nxt, past_key_values=cache, use_cache=True)
+                    nxt = out.logits[:, -1:].argmax(-1)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                fn.seconds = (time.perf_counter() - t0) / new_tokens
+                fn.stats = (handle.stats.flops - before[0], handle.stats.dense_flops - before[1]) if handle else None
+            finally:
+                if handle is not None:
+                    handle.remove()
+        return fn
+
+    runs = {}
+    for name, p in pruners.items():
+        with pruning(model, p) as h:
+            model(ids, logits_to_keep=1)
+            runs[name] = h.stats
+    counts = sorted({length} | {r[0] for s in runs.values() for r in s.tokens_per_layer if r[0] > 0})
+    base = model.model
+    fns = {"dense": prefill()}
+    fns.update({f"prefill:{n}": prefill(p) for n, p in pruners.items()})
+    fns.update({f"decoder@{n}": (lambda n=n: base(ids[:, :n])) for n in counts})
+    decoders = {"dense": decode()}
+    decoders.update({n: decode(p) for n, p in pruners.items()})
+    fns.update({f"decode:{n}": f for n, f in decoders.items()})
+    bar = tqdm(total=len(fns) * (repeats + 1), desc="timing in turns", leave=False)
+
+    def ticking(fn):
+        def run():
+            out = fn()
+            bar.update()
+            return out
+        return run
+
+    steps = {k: [] for k in decoders}
+
+    def recording(k, f):
+        def run():
+            f()
+            steps[k].append(f.seconds)
+        return run
+
+    times = interleaved({k: ticking(recording(k.split(":", 1)[1], f) if k.startswith("decode:") else f)
+                         for k, f in fns.items()}, repeats, device)
+    bar.close()
+    step_t = {k: statistics.median(v[1:]) for k, v in steps.items()}  # (the warm-up run dropped)
+    dense_t, dense_step = times["dense"], step_t["dense"]
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    rows = [{"method": "dense", "prefill_s": round(dense_t, 4), "decode_ms": round(1000 * dense_step, 2)}]
+    for name, pruner in pruners.items():
+        stats = runs[name]
+        t = times[f"prefill:{name}"]
+        tokens = [r[0] for r in stats.tokens_per_layer]
+        full = times[f"decoder@{length}"]
+        ideal = dense_t - sum(full - (times[f"decoder@{n}"] if n else 0.0) for n in tokens) / L
+        routing = scoring_seconds(model, pruner, {"input_ids": ids, "logits_to_keep": 1}, repeats, device)
+        flops, dense_flops = decoders[name].stats
+        decode_ratio = (flops + head * new_tokens) / (dense_flops + head * new_tokens)
+        step, ideal_step = step_t[name], dense_step * decode_ratio
+        rows.append({
+            "method": name, "config": pruner.to_dict(), "tokens_per_layer": tokens,
+            "prefill_flops_ratio": round(stats.flops_ratio, 4), "kv_ratio": round(stats.kv_ratio, 4),
+            "prefill_s": round(t, 4), "prefill_ideal_s": round(ideal, 4),
+            "prefill_speedup": round(dense_t / t, 3), "prefill_ideal_speedup": round(dense_t / ideal, 3),
+            "prefill_savings_fraction_of_ideal": round((dense_t - t) / (dense_t - ideal), 3) if dense_t > ideal else None,
+            "routing_share_of_dense": round(routing / dense_t, 4),
+            "decode_ms": round(1000 * step, 2), "decode_ideal_ms": round(1000 * ideal_step, 2),
+            "decode_flops_ratio": round(decode_ratio, 4),
+            "decode_speedup": round(dense_step / step, 3), "decode_ideal_speedup": round(dense_step / ideal_step, 3),
+        })
+    cols = ["method", "prefill_flops_ratio", "prefill_s", "prefill_ideal_s", "prefill_speedup", "prefill_ideal_speedup",
+            "prefill_savings_fraction_of_ideal", "routing_share_of_dense", "decode_ms", "decode_ideal_ms",
+            "decode_speedup", "decode_ideal_speedup"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "-")) for c in cols), flush=True)
+    return {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "repeats": repeats, "prompt_tokens": length, "new_tokens": new_tokens, "sparsity": sparsity,
+            "decoder_s": {str(n): round(times[f"decoder@{n}"], 4) for n in counts}, "rows": rows}
+
+
+def _options(spec: str) -> dict:
+    """``name:key=value,...`` -> options (numbers parsed), as ``tokenprune eval`` specs."""
+    if ":" not in spec:
+        return {}
+    out = {}
+    for item in spec.split(":", 1)[1].split(","):
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="tokenprune.evals.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("family", choices=["llm", "vit", "lvlm"], help="which benchmark")
+    ap.add_argument("family", choices=["llm", "vit", "lvlm", "skip"], help="which benchmark")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--layer", type=int, default=4, help="first layer that runs on the pruned set")
     ap.add_argument("--keep", type=float, default=0.5, help="share of prompt tokens kept")
@@ -560,6 +705,8 @@ def main(argv=None):
     ap.add_argument("--text", type=int, default=60, help="lvlm: text tokens per prompt (plus 576 visual)")
     ap.add_argument("--accounting-only", action="store_true",
                     help="lvlm: only the exact LLaVA-1.5-7B FLOPs / KV accounting (no timing)")
+    ap.add_argument("--sparsity", type=float, default=0.3, help="skip: share of token-block computations skipped")
+    ap.add_argument("--new-tokens", type=int, default=16, help="skip: decode steps timed")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args(argv)
     if args.family == "lvlm" and args.accounting_only:
@@ -571,6 +718,10 @@ def main(argv=None):
             print(" | ".join(str(r[c]) for c in cols), flush=True)
     elif args.family == "lvlm":
         rows = bench_lvlm(args.methods, tuple(args.prunes), args.text, args.repeats, args.device)
+        rows["command"] = " ".join(["python -m tokenprune.evals.bench", *(argv if argv is not None else sys.argv[1:])])
+    elif args.family == "skip":
+        rows = bench_skip(args.methods, args.sparsity, args.lengths[0] if args.lengths != [1024, 2048] else 512,
+                          args.new_tokens, args.repeats, args.device)
         rows["command"] = " ".join(["python -m tokenprune.evals.bench", *(argv if argv is not None else sys.argv[1:])])
     elif args.family == "vit":
         batch = args.batch or (256 if pick_device(args.device).type == "cuda" else 16)

@@ -78,19 +78,19 @@ class BlockSkipper(Pruner):
         return ok & ~generated, ok & generated
 
 
+def mix(h):
+    """lowbias32 integer hash, on a Python int or an int64 tensor alike."""
+    h = h & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
 def uniform_hash(seed: int, layer: int, positions: torch.Tensor) -> torch.Tensor:
     """Numbers in [0, 1) from (seed, layer, position): the same on every platform and batch."""
-
-    def mix(h):  # lowbias32
-        h = h & 0xFFFFFFFF
-        h = h ^ (h >> 16)
-        h = (h * 0x7FEB352D) & 0xFFFFFFFF
-        h = h ^ (h >> 15)
-        h = (h * 0x846CA68B) & 0xFFFFFFFF
-        return h ^ (h >> 16)
-
-    key = int(mix(torch.tensor(int(mix(torch.tensor(seed))) + layer)))
-    return mix(positions.long() + key).double() / 2**32
+    return mix(positions.long() + mix(mix(seed) + layer)).double() / 2**32
 
 
 @register_pruner("skip-random")
@@ -106,7 +106,9 @@ class SkipRandom(BlockSkipper):
         rate = self.rate(state.num_layers)
         prompt, generated = self.routable(state)
         u = uniform_hash(self.seed, state.layer, state.positions())
-        skip = top_k_mask(-u, prompt, rate) | (generated & (u < rate))
+        skip = generated & (u < rate)
+        if not state.decoding:  # (a decode step holds generated tokens only)
+            skip |= top_k_mask(-u, prompt, rate)
         return Skip(keep=state.valid & ~skip)
 
 
