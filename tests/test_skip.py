@@ -347,3 +347,19 @@ def test_beam_search_reorders_the_routed_cache_rows():
         again = recompute_step_logits(model, handle, out.sequences, P).log_softmax(-1)
     expected = again.gather(2, out.sequences[:, P:, None])[..., 0]
     assert torch.allclose(chosen, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("combo", ["fastv", "random@0", "tome"])
+@pytest.mark.parametrize("renumber", [False, True])
+def test_decode_routing_composes_with_other_reductions(combo, renumber):
+    model = tiny_decoder("llama-eager")
+    other = {"fastv": tp.FastV(layer=2, keep_ratio=0.5), "random@0": tp.RandomDrop(layer=0, keep_ratio=0.7, seed=1),
+             "tome": tp.build_pruner("tome", layer=[1, 3], keep_ratio=0.7, segment="text")}[combo]
+    batch, mask, a, b = padded_batch()
+    with torch.no_grad(), tp.pruning(model, [other, HiddenRouter()], renumber_positions=renumber) as handle:
+        seq, logits = greedy(model, a[None], n=5)
+        again = recompute_step_logits(model, handle, seq, a.shape[0])
+        both, _ = greedy(model, batch, attention_mask=mask, n=5)
+        alone, _ = greedy(model, b[None], n=5)
+    assert torch.allclose(logits, again, atol=1e-4, rtol=1e-4)
+    assert torch.equal(both[0], seq[0]) and torch.equal(both[1, 20:], alone[0, 13:])
