@@ -228,7 +228,21 @@ class DecoderAdapter(HookedAdapter):
         for i, layer in enumerate(self.layers):
             self.hook(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
             self.hook(layer.register_forward_hook(self._make_skip_hook(i), always_call=True))
+            if i + 1 in self.at:  # a pruner before the next layer may score with this layer's attention
+                for name in ("q", "k"):
+                    proj = getattr(layer.self_attn, f"{name}_proj")
+                    self.hook(proj.register_forward_hook(self._make_capture_hook(i, name)))
         self.hook(self.base.norm.register_forward_pre_hook(self._restore_length))
+
+    def _make_capture_hook(self, i, name):
+        """Keep layer i's own q / k projections of the slots it runs (prefill), so attention
+        scores before layer i + 1 reuse them instead of recomputing them."""
+        def hook(module, args, out):
+            call = self.call
+            if call is not None and call.mode == "prefill" and call.stash is not None and call.stash[0] == i \
+                    and call.stash[5] is not None:
+                call.stash[5][name] = out
+        return hook
 
     def detach(self):
         super().detach()
@@ -404,7 +418,7 @@ class DecoderAdapter(HookedAdapter):
                 self._hollow(call, i, kwargs)
             if self.renumber:
                 req.shift[i] = stream.dense_count - stream.alive_count
-        call.stash = (i, st.hidden, kwargs.get("position_embeddings"), st.valid, None)
+        call.stash = (i, st.hidden, kwargs.get("position_embeddings"), st.valid, None, None if hollow else {})
         stats = call.request.stats
         stats.tokens_per_layer.append(st.valid.sum(1).tolist())
         B, n = st.index.shape
@@ -419,9 +433,9 @@ class DecoderAdapter(HookedAdapter):
             call.positions_before_skip = None if reduction.persistent else before
             call.positions = (valid.long().cumsum(1) - 1).clamp_min(0) if reduction.persistent else gather_rows(before, slots)
         if call.stash is not None:  # a later pruner at this layer scores the reduced set
-            li, h, rope, _, ran = call.stash
+            li, h, rope, _, ran, _ = call.stash
             call.stash = (li, gather_rows(h, slots), tuple(gather_rows(t, slots) for t in rope), valid,
-                          None if ran is None else ran.gather(1, slots))
+                          None if ran is None else ran.gather(1, slots), None)
 
     def _positions(self, call: Call) -> torch.Tensor:
         if call.positions is None:
@@ -512,7 +526,9 @@ class DecoderAdapter(HookedAdapter):
         else:
             rope = tuple(gather_rows(t, index) for t in call.layer_rope)
         ran = torch.zeros(B, n, dtype=torch.bool, device=slots.device).scatter(1, slots, valid)
-        call.stash = (i, full, rope, all_valid, ran)
+        cap = call.stash[5]
+        cap = None if not cap or len(cap) < 2 else {**cap, "slots": slots}  # (q, k of the slots that ran it)
+        call.stash = (i, full, rope, all_valid, ran, cap)
 
     # ---- blocks no token runs ---------------------------------------------------------
     def _is_hollow(self, call: Call, i: int) -> bool:
@@ -701,17 +717,21 @@ class DecoderAdapter(HookedAdapter):
         Recomputed from that layer's own norm, projections and rotary embedding, so the model
         keeps running SDPA and nothing N x N is materialised unless asked for.
         """
-        li, hidden, (cos, sin), valid, ran = call.stash
+        li, hidden, (cos, sin), valid, ran, _ = call.stash
         layer = self.layers[li]
         attn = layer.self_attn
         B, n, D = hidden.shape
         if query_slots is None:
             query_slots = torch.arange(n, device=hidden.device).expand(B, n)
         hd = attn.head_dim
-        x = layer.input_layernorm(hidden)
-        xq = gather_rows(x, query_slots)
-        q = attn.q_proj(xq).view(B, xq.shape[1], -1, hd)
-        k = attn.k_proj(x).view(B, n, -1, hd)
+        captured = self._captured(call)
+        if captured is not None:
+            q = gather_rows(captured[0], query_slots).view(B, query_slots.shape[1], -1, hd)
+            k = captured[1].view(B, n, -1, hd)
+        else:
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(gather_rows(x, query_slots)).view(B, query_slots.shape[1], -1, hd)
+            k = attn.k_proj(x).view(B, n, -1, hd)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -727,13 +747,36 @@ class DecoderAdapter(HookedAdapter):
         visible = (pos[None, None, :] <= query_slots[:, :, None]) & (valid & ran)[:, None, :]
         return attention_probs(q, k, attn.scaling, visible[:, None])
 
+    def _captured(self, call: Call):
+        """The previous layer's own q / k projections ``(B, n, .)`` of the current slots, when it
+        ran on them (captured as it ran); after a Skip there, the q rows of the tokens that skipped
+        it are projected now (their keys stay zero: they are no keys), then kept for later calls."""
+        li, hidden, _, _, _, cap = call.stash
+        if not cap or "q" not in cap or "k" not in cap:
+            return None
+        slots = cap.get("slots")
+        if slots is not None:
+            B, n, _ = hidden.shape
+            q, k = cap["q"], cap["k"]
+            full_q = q.new_zeros(B, n, q.shape[-1]).scatter(1, slots[..., None].expand_as(q), q)
+            full_k = k.new_zeros(B, n, k.shape[-1]).scatter(1, slots[..., None].expand_as(k), k)
+            missing = torch.ones(B, n, dtype=torch.bool, device=hidden.device).scatter(1, slots, False)
+            if bool(missing.any()):
+                layer = self.layers[li]
+                full_q[missing] = layer.self_attn.q_proj(layer.input_layernorm(hidden[missing]))
+            cap.update(q=full_q, k=full_k, slots=None)
+        return cap["q"], cap["k"]
+
     def _keys(self, call: Call) -> torch.Tensor:
         """Previous layer's keys (B, kv_heads, n, head_dim) before rotary: content, not position."""
-        li, hidden, _, _, _ = call.stash
+        li, hidden, _, _, _, cap = call.stash
         layer = self.layers[li]
         attn = layer.self_attn
         B, n, _ = hidden.shape
-        k = attn.k_proj(layer.input_layernorm(hidden)).view(B, n, -1, attn.head_dim)
+        if cap and "k" in cap and cap.get("slots") is None:
+            k = cap["k"].view(B, n, -1, attn.head_dim)
+        else:
+            k = attn.k_proj(layer.input_layernorm(hidden)).view(B, n, -1, attn.head_dim)
         if hasattr(attn, "k_norm"):
             k = attn.k_norm(k)
         return k.transpose(1, 2)
