@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import TokenPruneError, UnsupportedModelError
 from ..state import Segment, TokenState
 from ..stats import Stats, decoder_layer_flops, kv_bytes_per_token
-from .base import HookedAdapter, attention_probs
+from .base import HookedAdapter, attention_mass, attention_probs
 from .stream import Stream, expand_rows, gather_rows
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -396,6 +396,7 @@ class DecoderAdapter(HookedAdapter):
         call.layer_rope = kwargs.get("position_embeddings")  # HF's, before it is fitted to the slots
         st._attention = (lambda q: self._attention(call, q)) if call.stash is not None else None
         st._keys = (lambda: self._keys(call)) if call.stash is not None else None
+        st._mass = (lambda on, qs: self._attention(call, qs, on)) if call.stash is not None else None
         version, merges = stream.version, len(stream.redirects)
         for pruner in self.at.get(i, ()):
             reduction = pruner.select(st)
@@ -649,6 +650,7 @@ class DecoderAdapter(HookedAdapter):
         st.layer, st.hidden = i, hidden
         st._attention = (lambda qs: self._decode_attention(call, qs)) if call.dstash is not None else None
         st._context = (lambda qs: self._decode_context(call, qs)) if call.dstash is not None else None
+        st._mass = (lambda on, qs: self._decode_context(call, qs, on)) if call.dstash is not None else None
         st._keys = None
         kept = None
         for pruner in routers:
@@ -662,7 +664,7 @@ class DecoderAdapter(HookedAdapter):
             kept = stream.reduce(i, reduction)
         return kept
 
-    def _decode_context(self, call: Call, query_slots: torch.Tensor | None):
+    def _decode_context(self, call: Call, query_slots: torch.Tensor | None, on: torch.Tensor | None = None):
         """Decode step: attention ``(B, heads, q, K)`` of the previous layer from the new tokens in
         ``query_slots`` over the K keys its cache holds (this step's included), with their positions
         and validity ``(B, K)``. A new token that skipped that layer has a row (from its hidden
@@ -696,6 +698,8 @@ class DecoderAdapter(HookedAdapter):
                       else torch.ones(B, K, dtype=torch.bool, device=dev))
         qpos = call.start_len + query_slots
         visible = (kindex[:, None, :] <= qpos[:, :, None]) & kvalid[:, None, :]
+        if on is not None:
+            return attention_mass(q, keys, attn.scaling, visible[:, None], (kindex[:, :, None] == on[:, None, :]).any(-1))
         return attention_probs(q, keys, attn.scaling, visible[:, None]), kindex, kvalid
 
     def _decode_attention(self, call: Call, query_slots: torch.Tensor | None) -> torch.Tensor:
@@ -711,7 +715,7 @@ class DecoderAdapter(HookedAdapter):
         return out.scatter_(3, col, probs * own[:, None, None, :])[..., :n]
 
     # ---- attention scores -----------------------------------------------------------
-    def _attention(self, call: Call, query_slots: torch.Tensor | None) -> torch.Tensor:
+    def _attention(self, call: Call, query_slots: torch.Tensor | None, on: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(q k^T) of the previous layer for the query rows a method needs.
 
         Recomputed from that layer's own norm, projections and rotary embedding, so the model
@@ -739,12 +743,12 @@ class DecoderAdapter(HookedAdapter):
         q = self._rotate(q, q, gather_rows(cos, query_slots), gather_rows(sin, query_slots))[0]
         k = self._rotate(k, k, cos, sin)[0]
         pos = torch.arange(n, device=hidden.device)
-        if ran is None:
-            visible = (pos[None, None, :] <= query_slots[:, :, None]) & valid[:, None, :]
-            return attention_probs(q, k, attn.scaling, visible[:, None])
-        # after a Skip at that layer: only the tokens that ran it are keys (the others left none in
+        # after a Skip at that layer only the tokens that ran it are keys (the others left none in
         # its cache); every token has a row, from its hidden state entering that layer
-        visible = (pos[None, None, :] <= query_slots[:, :, None]) & (valid & ran)[:, None, :]
+        keys = valid if ran is None else valid & ran
+        visible = (pos[None, None, :] <= query_slots[:, :, None]) & keys[:, None, :]
+        if on is not None:
+            return attention_mass(q, k, attn.scaling, visible[:, None], (call.state.index[:, :, None] == on[:, None, :]).any(-1))
         return attention_probs(q, k, attn.scaling, visible[:, None])
 
     def _captured(self, call: Call):

@@ -76,7 +76,7 @@ class Stream:
         """Drop the state's attention / keys accessors: they close over the adapter's call record,
         which holds this stream, and that cycle would keep the call's tensors alive until the
         garbage collector happens to run."""
-        self.state._attention = self.state._keys = self.state._context = None
+        self.state._attention = self.state._keys = self.state._context = self.state._mass = None
 
     def _remember_exits(self, full: torch.Tensor, reduction):
         """Write the hidden states of the slots leaving now (kept ones are written later)."""

@@ -199,6 +199,8 @@ def test_decode_context_attention_equals_recompute():
         def select(self, state):
             probs, key_index, key_valid = state.context_attention(None)
             sink = (probs.mean(1) * (key_index == state.row_offset[:, None])[:, None, :]).sum(-1)  # (B, q)
+            fused = state.attention_mass(state.row_offset).mean(1)  # the same, through the attention kernel
+            assert torch.allclose(fused, sink, atol=1e-6)
             generated = state.segments == int(tp.Segment.GENERATED)
             where = "decode" if state.decoding else "recompute"
             for pos, value in zip(state.index[0][generated[0]].tolist(), sink[0][generated[0]].tolist()):

@@ -66,6 +66,7 @@ class TokenState:
     _attention: Callable[[torch.Tensor | None], torch.Tensor] | None = field(default=None, repr=False)
     _keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     _context: Callable | None = field(default=None, repr=False)
+    _mass: Callable | None = field(default=None, repr=False)
     input_segments: frozenset = field(default=frozenset(), repr=False)
     # per original token (B, N, ...) facts an adapter knows, e.g. an LVLM's "image", "row", "col";
     # a value may be a zero-argument callable, computed once on first use
@@ -108,6 +109,18 @@ class TokenState:
         if self._context is not None:
             return self._context(query_slots)
         return self.attention(query_slots), self.index, self.valid
+
+    def attention_mass(self, key_positions: torch.Tensor, query_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, heads, q): the previous layer's attention of the query slots on the keys at the
+        original positions ``key_positions`` ((B,) or (B, k)), e.g. ``state.row_offset`` for each row's
+        first token (the attention sink). The same numbers as summing ``context_attention`` columns,
+        but computed with the fused attention kernel: no (q, n) matrix, at prefill and decode alike.
+        """
+        on = key_positions.to(self.index.device).reshape(self.batch_size, -1)
+        if self._mass is not None:
+            return self._mass(on, query_slots)
+        probs, key_index, _ = self.context_attention(query_slots)
+        return (probs * (key_index[:, :, None] == on[:, None, :]).any(-1)[:, None, None, :]).sum(-1)
 
     def keys(self) -> torch.Tensor:
         """Attention keys ``(B, heads, n, head_dim)`` of the previous layer (token similarity)."""
