@@ -178,3 +178,42 @@ def test_eval_task_scores_every_prompt_kind(tiny_t2i, tmp_path):
         assert row["size_acc"] is not None and row["position_acc"] is not None
         # overall faithfulness is the mean of the per-kind ones (two prompts of each kind)
         assert row["quality"] == pytest.approx(sum(row[f"faithfulness_{k}"] for k in t2i.KINDS) / 4)
+
+
+def test_training_captions_are_true():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "evals" / "train" / "train_tiny_t2i.py"
+    spec = importlib.util.spec_from_file_location("_train_tiny_t2i", path)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    lo, hi = t2i.size_thresholds()["rectangle"]
+    small, large = int(lo ** 0.5) - 1, int(hi ** 0.5) + 1
+    # a small box top-left, a large box bottom-right, a mid-sized box on the middle lines
+    images = _drawn([(2, 2 + small, 2, 2 + small), (30 - large, 30, 30 - large, 30), (11, 21, 11, 21)]) * 2 - 1
+    data = (images, torch.tensor([1, 1, 1]), torch.tensor([0, 0, 0]))
+    prompts = t2i.all_prompts(t2i.KINDS) + [""]
+    cap = train.Captioner(data, prompts, t2i.KINDS, seed=0)
+    seen = {i: {prompts[cap(i, False)] for _ in range(200)} for i in range(3)}
+    assert seen[2] == {"a red rectangle"}  # neither size nor side is clear: color and shape only
+    assert seen[0] == {"a red rectangle", "a small red rectangle", "a red rectangle on the left",
+                       "a red rectangle at the top", "a small red rectangle on the left",
+                       "a small red rectangle at the top"}
+    assert "a large red rectangle on the right" in seen[1] and not any("small" in p or "left" in p for p in seen[1])
+    flipped = {prompts[cap(0, True)] for _ in range(200)}  # mirrored: the small box is on the right
+    assert "a red rectangle on the right" in flipped and not any("left" in p for p in flipped)
+    only = train.Captioner(data, t2i.all_prompts(("color-shape", "size")) + [""], ("color-shape", "size"), seed=0)
+    assert {only.row_prompt(only(1, False)) for _ in range(50)} == {"a red rectangle", "a large red rectangle"}
+
+
+def test_size_words_change_the_drawn_size(tiny_t2i):
+    # the shipped model learned "small" / "large" (its card: size words obeyed ~90% of the time)
+    pipe, _ = tiny_t2i
+    pairs = [(c, s) for c in t2i.COLORS[:4] for s in t2i.SHAPES]
+    areas = {}
+    for size in t2i.SIZES:
+        x = pipe([t2i.caption(c, s, size) for c, s in pairs], num_inference_steps=10,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+        areas[size] = t2i.object_stats(x)[0]
+    assert float((areas["large"] > areas["small"]).float().mean()) >= 0.75  # same noise, only the word differs

