@@ -8,8 +8,14 @@ same objects to every decoder layer. This adapter hooks in without forking model
 - layer pre-hooks: at prefill, ask the pruners scheduled before this layer and apply their
   reduction to the hidden states and to the kwargs every later layer gets (mask rows and
   columns, rotary cos/sin, position ids); at decode, crop the mask's key axis to the keys
-  this layer's cache holds;
-- layer post-hooks: put tokens that skipped the block back;
+  this layer's cache holds, and ask routers (``Pruner.routes_decode``) about the new tokens:
+  those that skip the block are left out of its run, so they leave no key / value in its
+  cache (``key_index`` records what each layer's cache holds, per row);
+- layer post-hooks: put tokens that skipped the block back. A block no token runs (ShortGPT's
+  removed blocks, a decode step whose token skips) runs "hollow": a hook cannot cancel the
+  call, so its linear layers get an empty input and it writes no cache (``_hollow``);
+- q / k projection hooks (layers before a pruner): keep the layer's own projections, which
+  attention scores for the next layer's pruners reuse;
 - final-norm pre-hook: scatter kept tokens back to full length, so outputs keep the dense
   shape (a removed token's output is its hidden state when it left, a merged one takes
   the output of the token it joined).
