@@ -483,7 +483,8 @@ models (task, quality metric, where the FLOPs come from):
   tiny-vit      Fashion-MNIST top-1 accuracy. FLOPs: torch.utils.flop_counter (all ops).
   tiny-clip     zero-shot Fashion-MNIST top-1 accuracy (image tower pruned). FLOPs: flop_counter.
   tiny-llava    easy-vqa exact-match accuracy, greedy generate; pruners default to the visual
-                tokens (segment=visual, layer=2). FLOPs: analytic, language model layers.
+                tokens (segment=visual) at each method's own default layer. FLOPs: analytic,
+                language model layers.
   tiny-t2i      prompt faithfulness of generated images (judged color and shape match the
                 prompt), plus Frechet distances to real images and to the dense model's images;
                 pruners attach to pipe.unet. FLOPs: flop_counter (whole pipeline calls).

@@ -277,7 +277,8 @@ class PerplexityTask(Task):
         return stream[: n * length].view(n, length)
 
     def method_defaults(self, method):
-        return defaults_for(method, layer=self.pruning_layer or decoder_layer_default(self.model))
+        layer = decoder_layer_default(self.model) if self.pruning_layer is None else self.pruning_layer
+        return defaults_for(method, layer=layer)
 
     def _batches(self):
         return [self.blocks[i: i + self.batch_size] for i in range(0, len(self.blocks), self.batch_size)]
@@ -494,7 +495,9 @@ class VQATask(Task):
         self._ready = True
 
     def method_defaults(self, method):
-        return defaults_for(method, layer=self.pruning_layer or 2, segment="visual")
+        # each method's own default layer (visionzip 0, before the LLM; fastv / random 2) unless one is given
+        layer = {} if self.pruning_layer is None else {"layer": self.pruning_layer}
+        return defaults_for(method, segment="visual", **layer)
 
     def _chunks(self):
         return [self.items[i: i + self.batch_size] for i in range(0, len(self.items), self.batch_size)]

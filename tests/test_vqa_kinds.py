@@ -118,3 +118,12 @@ def test_vqa_task_and_eval_cli_take_kinds_and_weights(tmp_path):
     for bad in (["--model", "tiny-vit", "--kinds", "size"], ["--model", "tiny-llava", "--kinds", "colour"]):
         with pytest.raises(SystemExit):
             runner.main(bad)
+
+
+def test_vqa_task_keeps_each_methods_default_layer_unless_given():
+    from tokenprune.evals.tasks import VQATask
+
+    task = VQATask(limit=1, progress=False)
+    assert task.method_defaults("visionzip") == {"segment": "visual"}  # layer 0: before the language model
+    assert task.method_defaults("fastv") == {"segment": "visual"}
+    assert VQATask(limit=1, progress=False, pruning_layer=0).method_defaults("random") == {"layer": 0, "segment": "visual"}
