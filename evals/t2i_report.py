@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .runner import BUDGET_FREE
+
 KEYS = ("faithfulness", "flops_rel", "fd_reference", "fd_dense", "agreement", "shape_acc", "color_acc",
         "size_acc", "position_acc")
 
@@ -40,7 +42,8 @@ def harness_rows(path: Path) -> list[dict]:
     for r in data["rows"]:
         if r.get("status") != "ok" or r.get("model") != "tiny-t2i":
             continue
-        row = dict(source=f"tokenprune eval ({Path(path).name})", method=r["method"], label=r["label"],
+        label = r["label"] if r.get("budget") is None or r["method"] in BUDGET_FREE else f"{r['label']} @ {r['budget']:g}"
+        row = dict(source=f"tokenprune eval ({Path(path).name})", method=r["method"], label=label,
                    budget=r.get("budget"), config=r.get("config"), faithfulness=r["quality"], n=r.get("n_items"),
                    **{k: r.get(k) for k in KEYS if k != "faithfulness"})
         row["kinds"] = {k[len("faithfulness_"):]: v for k, v in r.items() if k.startswith("faithfulness_")}
