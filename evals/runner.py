@@ -571,6 +571,9 @@ def _list() -> None:
         print(f"  {name:<14} {t.task:<26} {t.metric:<22} {status}")
     print("methods (budget field):")
     for m in list_pruners():
+        if m in BUDGET_FREE:
+            print(f"  {m:<14} none (its checkpoint sets the size; the budget is only recorded)")
+            continue
         print(f"  {m:<14} {budget_field(m)}" + (" (1 - budget: the share removed)" if budget_is_removed(m) else ""))
 
 
