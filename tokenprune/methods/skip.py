@@ -104,6 +104,11 @@ class SkipRandom(BlockSkipper):
 
     def select(self, state):
         rate = self.rate(state.num_layers)
+        if state.decoding and state.index.numel() <= 64:  # a few new tokens: the same hash in Python ints
+            key = mix(mix(self.seed) + state.layer)
+            skip = [[p >= self.protect_first and mix(p + key) / 2**32 < rate for p in row]
+                    for row in state.positions().tolist()]
+            return Skip(keep=~torch.tensor(skip, device=state.valid.device))
         prompt, generated = self.routable(state)
         u = uniform_hash(self.seed, state.layer, state.positions())
         skip = generated & (u < rate)
