@@ -334,11 +334,11 @@ Faithfulness per prompt kind (same images):
     lo_hi = info.get("size_thresholds", {})
     sizes = ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in lo_hi.items())
     notes = ""
-    if mixed:
+    if mixed and basic:
         mx = mixed[0]
         notes += (f"\nWhat the model learned: color and shape (faithfulness {basic[0]['faithfulness']:.3f} on the "
-                  f"color-shape prompts) and size (size words obeyed {mx['size_acc']:.3f} of the time); not the side: "
-                  f"position words are obeyed {mx['position_acc']:.3f} of the time, chance is 0.5 (our guess, untested: "
+                  f"color-shape prompts) and size (size words obeyed {_fmt(mx['size_acc'])} of the time); not the side: "
+                  f"position words are obeyed {_fmt(mx['position_acc'])} of the time, chance is 0.5 (our guess, untested: "
                   "nothing in this U-Net encodes absolute position but the zero padding at the borders, a harder "
                   "cue than color or area for a CPU-sized run). Prompt kinds therefore differ in difficulty, as APTP's router needs, but the position "
                   "kinds measure color, shape and size only in practice.\n")
