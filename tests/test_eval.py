@@ -172,6 +172,9 @@ def test_method_specs_and_budget_mapping():
     task = PerplexityTask("t", model=tiny_decoder("llama-sdpa"), token_ids=torch.zeros(2, 30, dtype=torch.long),
                           context=20)
     assert method_config(task, MethodSpec.parse("random:seed=4"), 0.25) == {"layer": 1, "seed": 4, "keep_ratio": 0.25}
+    # skip methods take sparsity, the share skipped: budget 0.7 (kept) -> sparsity 0.3
+    assert method_config(task, MethodSpec.parse("ftp:checkpoint=null"), 0.7) == {"checkpoint": None, "sparsity": 0.3}
+    assert method_config(task, MethodSpec.parse("shortgpt"), 0.8)["sparsity"] == 0.2
     # APTP's router sets its own widths: the budget is recorded in the row, not put in the config
     assert method_config(task, MethodSpec.parse("aptp:code=1"), 0.5) == {"code": 1}
     with pytest.raises(tp.TokenPruneError):
