@@ -31,8 +31,8 @@ import torch
 from ..errors import TokenPruneError
 from ..pruner import Pruner, register_pruner
 from .aptp_router import CONFIG, FILE, VERSION, APTPRouter
+from .checkpoints import WEIGHTS_DIR, is_name, shipped
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo", "weights")
 LAYOUT_KEYS = ("heads", "head_dim", "channels", "dim", "context_dim")
 
 
@@ -50,14 +50,13 @@ def layout_of(units: list[dict]) -> list[dict]:
 
 def checkpoint_folder(checkpoint: str) -> str:
     """A shipped testbed name's router folder, or a path (folder or its ``aptp.safetensors``)."""
-    shipped = os.path.join(WEIGHTS_DIR, checkpoint, "aptp")
-    if "/" not in checkpoint and os.sep not in checkpoint and os.path.isfile(os.path.join(shipped, FILE)):
-        return shipped
+    own = os.path.join(WEIGHTS_DIR, checkpoint, "aptp")
+    if is_name(checkpoint) and os.path.isfile(os.path.join(own, FILE)):
+        return own
     folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or "."
     if not (os.path.isfile(os.path.join(folder, FILE)) and os.path.isfile(os.path.join(folder, CONFIG))):
-        names = sorted(d for d in os.listdir(WEIGHTS_DIR) if os.path.isfile(os.path.join(WEIGHTS_DIR, d, "aptp", FILE)))
         raise TokenPruneError(f"aptp: no router {checkpoint!r}: give a folder holding {FILE} and {CONFIG} "
-                              f"or a shipped testbed name ({', '.join(names) or 'none shipped'})")
+                              f"or a shipped testbed name ({', '.join(shipped('aptp', FILE)) or 'none shipped'})")
     return folder
 
 

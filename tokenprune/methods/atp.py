@@ -45,8 +45,8 @@ from ..errors import TokenPruneError
 from ..pruner import Pruner, check_ratio, register_pruner
 from ..reductions import Drop, keep_count
 from ..state import Segment
+from .checkpoints import checkpoint_file, read_safetensors
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo", "weights")
 FILE = "atp.safetensors"
 NUM_FEATURES = 7
 SPATIAL_INIT = 2.5  # untrained theta_s: only the coarsest grid (stride >= 8: log2 = 3) is kept by SAP
@@ -77,27 +77,12 @@ class ATPHead(nn.Module):
 
 def checkpoint_path(checkpoint: str) -> str:
     """A testbed name's shipped module, or a path (file, or folder holding ``atp.safetensors``)."""
-    shipped = os.path.join(WEIGHTS_DIR, checkpoint, "atp", FILE)
-    if os.sep not in checkpoint and "/" not in checkpoint and os.path.isfile(shipped):
-        return shipped
-    path = os.path.join(checkpoint, FILE) if os.path.isdir(checkpoint) else checkpoint
-    if not os.path.isfile(path):
-        names = sorted(d for d in os.listdir(WEIGHTS_DIR) if os.path.isfile(os.path.join(WEIGHTS_DIR, d, "atp", FILE)))
-        raise TokenPruneError(f"atp: no checkpoint {checkpoint!r}: give a path to an {FILE} or a shipped "
-                              f"testbed name ({', '.join(names) or 'none shipped'})")
-    return path
+    return checkpoint_file("atp", checkpoint, FILE)
 
 
 @lru_cache(maxsize=8)
 def load_head(path: str) -> ATPHead:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # not a safetensors file
-        raise TokenPruneError(f"atp: cannot read checkpoint {path}: {e}") from None
+    meta, tensors = read_safetensors("atp", path)
     if meta.get("method") != "atp" or int(meta.get("features", -1)) != NUM_FEATURES:
         raise TokenPruneError(f"atp: {path} is not an ATP module for this version (method={meta.get('method')!r}, "
                               f"{meta.get('features')} features; expected {NUM_FEATURES})")

@@ -43,8 +43,8 @@ from ..errors import TokenPruneError
 from ..pruner import Pruner, check_ratio, register_pruner
 from ..reductions import Skip
 from ..state import Segment
+from .checkpoints import checkpoint_file, read_safetensors
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "zoo", "weights")
 FILE = "ftp.safetensors"
 NUM_FEATURES = 4
 POSITION_SCALE = math.log(4096.0)
@@ -89,27 +89,12 @@ class Router(nn.Module):
 
 def checkpoint_path(checkpoint: str) -> str:
     """A shipped model name's router, or a path (file, or folder holding ``ftp.safetensors``)."""
-    shipped = os.path.join(WEIGHTS_DIR, checkpoint, "ftp", FILE)
-    if os.sep not in checkpoint and "/" not in checkpoint and os.path.isfile(shipped):
-        return shipped
-    path = os.path.join(checkpoint, FILE) if os.path.isdir(checkpoint) else checkpoint
-    if not os.path.isfile(path):
-        names = sorted(d for d in os.listdir(WEIGHTS_DIR) if os.path.isfile(os.path.join(WEIGHTS_DIR, d, "ftp", FILE)))
-        raise TokenPruneError(f"ftp: no checkpoint {checkpoint!r}: give a path to an {FILE} or a shipped "
-                              f"model name ({', '.join(names) or 'none shipped'})")
-    return path
+    return checkpoint_file("ftp", checkpoint, FILE)
 
 
 @lru_cache(maxsize=8)
 def load_router(path: str) -> Router:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # not a safetensors file
-        raise TokenPruneError(f"ftp: cannot read checkpoint {path}: {e}") from None
+    meta, tensors = read_safetensors("ftp", path)
     if meta.get("method") != "ftp" or int(meta.get("features", -1)) != NUM_FEATURES:
         raise TokenPruneError(f"ftp: {path} is not an FTP router for this version (method={meta.get('method')!r}, "
                               f"{meta.get('features')} features; expected {NUM_FEATURES})")
