@@ -36,8 +36,14 @@ demo-cli: $(STAMP)    # the terminal demonstration: SmolLM2 dense vs FastV
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP)       # every speed benchmark the README reports (run it alone on the machine)
 	$(BIN)/python -m tokenprune.evals.bench llm --json results/bench_llm_cpu.json
+	$(BIN)/python -m tokenprune.evals.bench vit --repeats 7 --json results/bench_vit_cpu.json
+	$(BIN)/python -m tokenprune.evals.bench lvlm --repeats 5 --json results/bench_lvlm_cpu.json
+	$(BIN)/python -m tokenprune.evals.bench skip --lengths 512 --new-tokens 16 --repeats 3 --json results/bench_skip_cpu.json
+	$(BIN)/python -m tokenprune.evals.bench_unet --shape sd21 --latent 32 --flops-latent 64 --repeats 3 --json results/bench_unet_cpu.json
+	$(BIN)/python -m tokenprune.evals.bench_unet --widths --shape sd21 --latent 32 --flops-latent 64 --ratios 0.5 \
+		--keeps 0.75 0.5 0.25 --repeats 3 --json results/bench_unet_widths_cpu.json
 
 clean:
 	rm -rf $(VENV) *.egg-info
