@@ -125,3 +125,9 @@ def llava_inputs(questions=(9, 5), images_per_prompt=1, seed=0):
         input_ids[b, n - len(ids):], mask[b, n - len(ids):] = torch.tensor(ids), 1
     pixels = torch.randn(len(rows) * images_per_prompt, 3, 32, 32, generator=g)
     return dict(input_ids=input_ids, attention_mask=mask, pixel_values=pixels)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a KV cache holds; a layer never written (a block no token ran, e.g. ShortGPT's) holds none."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)

@@ -15,7 +15,7 @@ import torch
 import tokenprune as tp
 from tokenprune.pruner import SegmentDropPruner
 
-from .conftest import LLAVA_IMAGE_TOKEN, llava_inputs, tiny_decoder, tiny_llava
+from .conftest import LLAVA_IMAGE_TOKEN, cache_bytes, llava_inputs, tiny_decoder, tiny_llava
 from .test_contract import greedy, hook_count, params_of, prompt, recompute_step_logits
 
 RULE = "can only be continued by the attachment that filled it"
@@ -42,10 +42,6 @@ MAKERS = {
     "merge": lambda keep: MergeBefore0(layer=0, keep_ratio=keep),
     "random+fastv": lambda keep: [tp.RandomDrop(layer=0, keep_ratio=keep, seed=3), tp.FastV(layer=2, keep_ratio=keep)],
 }
-
-
-def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))

@@ -7,7 +7,7 @@ from accelerate import dispatch_model, infer_auto_device_map
 
 import tokenprune as tp
 
-from .conftest import ENCODERS, tiny_decoder, tiny_encoder
+from .conftest import ENCODERS, cache_bytes, tiny_decoder, tiny_encoder
 from .test_contract import ALL, ENCODER_NAMES, hook_count, make, make_visual, pixels
 
 
@@ -17,10 +17,6 @@ def padded_batch():
     mask = torch.ones_like(ids)
     ids[1, :6], mask[1, :6] = 0, 0
     return ids, mask
-
-
-def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def run(model, pruner, ids, mask, n=5):
