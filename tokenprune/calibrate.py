@@ -9,7 +9,7 @@ The study searches the number of stages (1-3) and their layers, the keep ratios,
 Budget (``kind``):
 
 - ``"tokens"`` (default): the share of visual tokens kept, averaged over decoder layers
-  1..L-1 (layer 0 always runs dense in this engine). It is the reference code's constraint
+  1..L-1 (layer 0 runs dense for VFlowOpt, which scores from the previous layer's attention). It is the reference code's constraint
   (its ``TARGET_AVERAGE``: kept share per layer, averaged over the depth) and is proportional
   to the visual tokens' decoder compute, so budget b costs what FastV(layer=1, keep_ratio=b)
   costs. Each trial's ratios are solved so the schedule spends the budget in whole tokens
