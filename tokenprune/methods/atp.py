@@ -32,9 +32,7 @@ the top-``keep`` quantile of the redundancy score plus the samples of the stride
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -45,7 +43,7 @@ from ..errors import TokenPruneError
 from ..pruner import Pruner, check_ratio, register_pruner
 from ..reductions import Drop, keep_count
 from ..state import Segment
-from .checkpoints import checkpoint_file, read_safetensors
+from .checkpoints import checkpoint_file, read_safetensors, write_safetensors
 
 FILE = "atp.safetensors"
 NUM_FEATURES = 7
@@ -68,11 +66,9 @@ class ATPHead(nn.Module):
         return out[:, 0], out[:, 1] + SPATIAL_INIT
 
     def save(self, path: str, **meta) -> None:
-        from safetensors.torch import save_file
-
         info = {"method": "atp", "num_layers": str(self.num_layers), "features": str(NUM_FEATURES),
-                "hidden": str(self.net[0].out_features), **{k: json.dumps(v) for k, v in meta.items()}}
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path, metadata=info)
+                "hidden": str(self.net[0].out_features)}
+        write_safetensors(self, path, info, meta)
 
 
 def checkpoint_path(checkpoint: str) -> str:

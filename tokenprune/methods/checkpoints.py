@@ -2,6 +2,7 @@
 ``zoo/weights/<name>/<method>/`` folder by name, or a path the user gives."""
 from __future__ import annotations
 
+import json
 import os
 
 from ..errors import TokenPruneError
@@ -39,3 +40,11 @@ def read_safetensors(method: str, path: str) -> tuple[dict, dict]:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # not a safetensors file
         raise TokenPruneError(f"{method}: cannot read checkpoint {path}: {e}") from None
+
+
+def write_safetensors(module, path: str, info: dict, meta: dict) -> None:
+    """Save ``module``'s tensors with ``info`` (the fields its loader checks) and JSON ``meta`` (card facts)."""
+    from safetensors.torch import save_file
+
+    metadata = {**info, **{k: json.dumps(v) for k, v in meta.items()}}
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, path, metadata=metadata)

@@ -43,7 +43,7 @@ from ..errors import TokenPruneError
 from ..pruner import Pruner, check_ratio, register_pruner
 from ..reductions import Skip
 from ..state import Segment
-from .checkpoints import checkpoint_file, read_safetensors
+from .checkpoints import checkpoint_file, read_safetensors, write_safetensors
 
 FILE = "ftp.safetensors"
 NUM_FEATURES = 4
@@ -78,13 +78,10 @@ class Router(nn.Module):
         return ys[-1]
 
     def save(self, path: str, **meta) -> None:
-        from safetensors.torch import save_file
-
         info = {"method": "ftp", "features": str(NUM_FEATURES), "hidden": str(self.net[0].out_features),
                 "num_layers": str(self.num_layers), "hidden_size": str(self.hidden_size),
-                "thresholds": json.dumps(self.thresholds),
-                **{k: json.dumps(v) for k, v in meta.items()}}
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path, metadata=info)
+                "thresholds": json.dumps(self.thresholds)}
+        write_safetensors(self, path, info, meta)
 
 
 def checkpoint_path(checkpoint: str) -> str:
