@@ -7,6 +7,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import TokenPruneError
+from ..pruner import ModelFacts
 
 
 class HookedAdapter:
@@ -15,8 +16,12 @@ class HookedAdapter:
     stack = "language"  # what ``Pruner.target`` this adapter's layers are: "language" or "vision"
     slices = False  # True: applies width pruners (pruners with ``experts``: sliced copies of model parts)
 
-    def __init__(self, pruners, num_layers: int, min_layer: int = 0):
+    def __init__(self, pruners, facts: "ModelFacts | int", min_layer: int = 0):
+        """``facts``: what the adapter knows about the model (a bare layer count is taken as
+        ``ModelFacts(num_layers=...)``); every pruner checks them here, before any hook."""
         self.pruners = pruners
+        self.facts = facts if isinstance(facts, ModelFacts) else ModelFacts(num_layers=int(facts), stack=self.stack)
+        num_layers = self.facts.num_layers
         self.at: dict[int, list] = {}
         for p in pruners:
             if callable(getattr(p, "experts", None)) and not self.slices:
@@ -25,7 +30,7 @@ class HookedAdapter:
             if p.target not in ("auto", self.stack):
                 where = "vision tower" if p.target == "vision" else "language model"
                 raise TokenPruneError(f"{p.name} has target={p.target!r}, but this model has no {where} to prune")
-            p.validate(num_layers)
+            p.check(self.facts)
             for layer in p.layers_on(num_layers):
                 if layer < min_layer:
                     raise TokenPruneError(f"{p.name}: this model family is reduced from layer {min_layer} on, got {layer}")

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import TokenPruneError, UnsupportedModelError
+from ..pruner import ModelFacts
 from ..state import Segment, TokenState
 from ..stats import Stats, decoder_layer_flops, kv_bytes_per_token
 from .base import HookedAdapter, attention_mass, attention_probs
@@ -215,7 +216,12 @@ class DecoderAdapter(HookedAdapter):
                 f"attention implementation {impl!r} is not supported; load the model with "
                 f"attn_implementation in {SUPPORTED_ATTENTION}"
             )
-        super().__init__(pruners, len(self.layers))
+        cfg, attn = self.config, self.layers[0].self_attn
+        heads = getattr(cfg, "num_attention_heads", None)
+        super().__init__(pruners, ModelFacts(
+            num_layers=len(self.layers), stack=self.stack, hidden_size=getattr(cfg, "hidden_size", None),
+            num_heads=heads, num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(attn, "head_dim", None)))
         for p in self.at.get(0, ()):
             if p.reads_previous_layer:
                 raise TokenPruneError(f"{p.name}: it scores from the previous layer, and decoder layer 0 has none; "

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TokenPruneError, UnsupportedModelError
+from ..pruner import ModelFacts
 from ..state import Segment, TokenState
 from ..stats import Stats
 from .base import HookedAdapter, attention_probs
@@ -169,7 +170,12 @@ class EncoderAdapter(HookedAdapter):
         impl = getattr(getattr(self.tower.root, "config", None), "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise UnsupportedModelError(f"attention implementation {impl!r} is not supported; use sdpa or eager")
-        super().__init__(pruners, len(self.tower.blocks))
+        block = self.tower.blocks[0]
+        heads = self.tower.heads_and_scale(block)[0]
+        width = getattr(self.tower.norm1(block), "normalized_shape", (None,))[-1]
+        super().__init__(pruners, ModelFacts(num_layers=len(self.tower.blocks), stack=self.stack, hidden_size=width,
+                                             num_heads=heads, num_kv_heads=heads,
+                                             head_dim=width // heads if width and heads else None))
         self.proportional = proportional_attention
         self.weights = [(_weights(b), _weights(self.tower.mlp(b))) for b in self.tower.blocks]  # for FLOPs
         self.inside: dict[int, list] = {}  # block -> pruners that reduce between its attention and MLP

@@ -14,8 +14,8 @@ from tokenprune.methods.shortgpt import block_influence, shipped_scores
 from tokenprune.pruner import Pruner
 from tokenprune.stats import kv_bytes_per_token
 
-from .conftest import tiny_decoder
-from .test_contract import greedy, hook_count, params_of, prompt, recompute_step_logits
+from .conftest import tiny_decoder, tiny_encoder, tiny_llava
+from .test_contract import assert_untouched, greedy, hook_count, params_of, prompt, recompute_step_logits
 
 
 @dataclass
@@ -365,3 +365,90 @@ def test_decode_routing_composes_with_other_reductions(combo, renumber):
         alone, _ = greedy(model, b[None], n=5)
     assert torch.allclose(logits, again, atol=1e-4, rtol=1e-4)
     assert torch.equal(both[0], seq[0]) and torch.equal(both[1, 20:], alone[0, 13:])
+
+
+# ---- attach-time model checks (Pruner.check with the adapter's ModelFacts) -------------------
+@dataclass
+class FactsProbe(Pruner):
+    """Test pruner: records the ModelFacts it is checked with; refuses a residual stream wider than ``max_width``."""
+
+    name = "test-facts-probe"
+    max_width: int = 1 << 20
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.seen = []
+
+    def layers(self):
+        return [1]
+
+    def check(self, model):
+        super().check(model)
+        self.seen.append(model)
+        if model.hidden_size > self.max_width:
+            raise tp.TokenPruneError(f"{self.name}: built for width <= {self.max_width}, got {model.hidden_size}")
+
+    def select(self, state):
+        return None
+
+
+@pytest.mark.parametrize("kind,facts", [
+    ("llama-sdpa", dict(num_layers=4, stack="language", hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)),
+    ("qwen3", dict(num_layers=4, stack="language", hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)),
+    ("vit-sdpa", dict(num_layers=4, stack="vision", hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16)),
+    ("open_clip", dict(num_layers=4, stack="vision", hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16)),
+    ("clip", dict(num_layers=4, stack="vision", hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16)),
+])
+def test_pruners_check_the_model_facts_before_anything_is_hooked(kind, facts):
+    model = tiny_decoder(kind) if kind in ("llama-sdpa", "qwen3") else tiny_encoder(kind)[0]
+    probe = FactsProbe()
+    tp.prune(model, probe).remove()
+    assert probe.seen == [tp.ModelFacts(**facts)]
+    before, hooks = params_of(model), hook_count(model)
+    with pytest.raises(tp.TokenPruneError, match="built for width <= 32, got 64"):
+        tp.prune(model, FactsProbe(max_width=32))
+    assert hook_count(model) == hooks and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_lvlm_checks_each_pruner_against_its_own_stack():
+    model = tiny_llava()  # CLIP tower of width 32 (2 blocks), Llama decoder of width 64 (4 layers)
+    language, vision = FactsProbe(), FactsProbe(target="vision")
+    hooks = hook_count(model)
+    with pytest.raises(tp.TokenPruneError, match="built for width <= 48, got 64"):
+        tp.prune(model, [FactsProbe(max_width=48, target="vision"), FactsProbe(max_width=48)])
+    assert hook_count(model) == hooks
+    tp.prune(model, [language, vision]).remove()
+    assert (language.seen[0].stack, language.seen[0].hidden_size, language.seen[0].num_layers) == ("language", 64, 4)
+    assert (vision.seen[0].stack, vision.seen[0].hidden_size, vision.seen[0].num_layers) == ("vision", 32, 2)
+
+
+def test_a_pruner_that_only_overrides_validate_is_still_checked():
+    @dataclass
+    class OldStyle(HiddenRouter):
+        def validate(self, num_layers):
+            raise tp.TokenPruneError(f"old-style validate saw {num_layers} layers")
+
+    model = tiny_decoder("llama-sdpa")
+    hooks = hook_count(model)
+    with pytest.raises(tp.TokenPruneError, match="old-style validate saw 4 layers"):
+        tp.prune(model, OldStyle())
+    assert hook_count(model) == hooks
+
+
+@pytest.mark.parametrize("trained,message", [
+    (dict(num_layers=4, hidden_size=96), "trained for hidden size 96; this model has 64"),
+    (dict(num_layers=30, hidden_size=64), "trained for a 30-layer decoder; this model has 4 layers"),
+])
+def test_an_ftp_router_for_another_model_is_refused_at_prune_time(tmp_path, trained, message):
+    from tokenprune.methods.ftp import Router
+
+    Router(8, **trained).save(str(tmp_path / "ftp.safetensors"))
+    pruner = tp.build_pruner("ftp", sparsity=0.3, checkpoint=str(tmp_path))
+    model = tiny_decoder("llama-sdpa")
+    ids = prompt()
+    with torch.no_grad():
+        dense = model(ids).logits
+    before, hooks = params_of(model), hook_count(model)
+    with pytest.raises(tp.TokenPruneError, match=message):
+        tp.prune(model, pruner)
+    assert_untouched(model, before, hooks, ids, dense)

@@ -9,7 +9,7 @@ from . import methods, zoo
 from .errors import AlreadyAttachedError, TokenPruneError, UnsupportedModelError
 from .handle import PruningHandle, prune, pruning
 from .methods import APTP, ATP, FastV, FTP, RandomDrop, ShortGPT, SkipRandom, SkipRank, ToMe, ToMeSD, VFlowOpt, VisionZip, ZeroTPrune
-from .pruner import Pruner, build_pruner, list_pruners, register_pruner
+from .pruner import ModelFacts, Pruner, build_pruner, list_pruners, register_pruner
 from .reductions import Drop, Merge, Reduction, Skip
 from .state import Segment, TokenState
 from .stats import Stats
@@ -17,7 +17,7 @@ from .stats import Stats
 __version__ = "0.1.0"
 
 __all__ = [
-    "APTP", "ATP", "AlreadyAttachedError", "Drop", "FastV", "FTP", "Merge", "Pruner", "PruningHandle", "RandomDrop", "Reduction", "ShortGPT", "SkipRandom", "SkipRank",
+    "APTP", "ATP", "AlreadyAttachedError", "Drop", "FastV", "FTP", "Merge", "ModelFacts", "Pruner", "PruningHandle", "RandomDrop", "Reduction", "ShortGPT", "SkipRandom", "SkipRank",
     "Segment", "Skip", "Stats", "TokenPruneError", "TokenState", "UnsupportedModelError", "build_pruner",
     "list_pruners", "methods", "prune", "pruning", "register_pruner", "ToMe", "ToMeSD", "VFlowOpt", "VisionZip", "ZeroTPrune", "zoo",
 ]

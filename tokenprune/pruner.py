@@ -40,6 +40,23 @@ def build_pruner(name: str, **config) -> "Pruner":
     return cls(**config)
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What an adapter knows about a model before it hooks anything, for ``Pruner.check``.
+
+    A method built for one model (a router trained at one width and depth, a schedule of one
+    length) refuses another here, at ``tp.prune`` time, not mid-forward with hooks attached.
+    ``None``: the adapter does not know, or it differs per layer (a U-Net's widths).
+    """
+
+    num_layers: int  # the layers ``Pruner.layers_on`` numbers (decoder layers, ViT blocks, U-Net transformer blocks)
+    stack: str = "language"  # the adapter's ``stack``: "language", "vision" or "unet"
+    hidden_size: int | None = None  # width of the residual stream the pruner's ``state.hidden`` has
+    num_heads: int | None = None  # attention heads (query heads, under grouped-query attention)
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+
+
 @dataclass
 class Pruner:
     """A token-reduction method: config fields plus ``select(state) -> Reduction | None``.
@@ -79,6 +96,15 @@ class Pruner:
 
     def select(self, state: TokenState) -> Reduction | None:
         raise NotImplementedError
+
+    def check(self, model: ModelFacts) -> None:
+        """Check the config against the model before anything is hooked (raises TokenPruneError).
+
+        Every adapter calls this at ``tp.prune``. The default checks the layer count through
+        ``validate``; a method that depends on more (a router trained for one hidden size)
+        extends it: ``super().check(model)``, then its own checks.
+        """
+        self.validate(model.num_layers)
 
     def validate(self, num_layers: int) -> None:
         """Check the config against a model with ``num_layers`` layers (raises TokenPruneError)."""

@@ -205,6 +205,13 @@ class FTP(Pruner):
                                   f"this model has {num_layers} layers (train one for it, or checkpoint=None)")
         super().validate(num_layers)
 
+    def check(self, model) -> None:
+        super().check(model)
+        size = self.router.hidden_size if self.router is not None else 0
+        if size and model.hidden_size and size != model.hidden_size:
+            raise TokenPruneError(f"ftp: checkpoint {self.checkpoint!r} was trained for hidden size {size}; "
+                                  f"this model has {model.hidden_size} (train one for it, or checkpoint=None)")
+
     def logits(self, state, sparsity: float, prompt, generated):
         """(B, n) keep logits: above 0 (prompt: among the highest) runs the block."""
         # the previous block's attention over every key it holds (at a decode step: its whole cache)
