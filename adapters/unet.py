@@ -16,14 +16,17 @@ so classifier-free guidance batches, several prompts and ``num_images_per_prompt
 nothing special, and a row gives the same result alone or in a batch whenever its pruner
 decides per row. Methods that read attention get the block's own self-attention, from its
 ``attn1`` q / k projections of ``norm1(input)`` (layer-norm blocks only), computed only when
-asked for. Stats count the transformer blocks' matmuls (what reductions change), not convolutions.
+asked for; under width pruning, the dense block's (every head: each row's expert keeps a subset
+of these same heads, and the tokens do not depend on the code a row is routed to). Stats count
+the transformer blocks' matmuls (what reductions change), not convolutions.
 
 Width pruners (``unet-static``, APTP) have ``experts(units)`` instead of token reductions: at
 attach their experts' kept heads and feed-forward channels become sliced copies of the block
 parts (``Widths``), swapped in while attached (with several experts, each call's rows are
 grouped by the expert the pruner's ``route(encoder_hidden_states, mask=, sample=)`` picks, listed
 per row in ``stats.codes``) and swapped back
-out, the original module objects, on ``remove()``.
+out, the original module objects, on ``remove()``. Token methods compose with them in the same
+attachment (``tp.prune(unet, [width_pruner, token_pruner])``): their hooks go on whatever part runs.
 """
 from __future__ import annotations
 
@@ -147,6 +150,7 @@ class UNetAdapter(HookedAdapter):
                         if isinstance(getattr(m, "transformer_blocks", None), nn.ModuleList)]
         super().__init__(pruners, len(self.blocks))
         self.dense_costs = [BlockCost(b) for b in self.blocks]
+        self.attn1 = [b.attn1 for b in self.blocks]  # the dense self-attention, before any width swap
         self.widths = Widths.build(self, self.blocks, [p for p in pruners if callable(getattr(p, "experts", None))])
         self.costs = self.widths.costs if self.widths else [self.dense_costs]  # per expert, per block
 
@@ -247,8 +251,8 @@ class UNetAdapter(HookedAdapter):
             pos = torch.arange(N, device=dev)[None]
             st.token_info = {"image": torch.zeros_like(pos), "row": pos // grid[1], "col": pos % grid[1]}
         if getattr(block, "norm_type", None) == "layer_norm":
-            st._attention = lambda q: self._attention(block, hidden, q)
-            st._keys = lambda: self._qk(block, hidden, need_q=False)[1]
+            st._attention = lambda q: self._attention(i, block, hidden, q)
+            st._keys = lambda: self._qk(i, block, hidden, need_q=False)[1]
         plan = None
         for pruner in self.at[i]:
             reduction = pruner.select(st)
@@ -298,8 +302,11 @@ class UNetAdapter(HookedAdapter):
         return hook
 
     # ---- attention of the block itself, for methods that ask ------------------------------
-    def _qk(self, block, hidden, need_q=True):
-        attn = block.attn1
+    def _qk(self, i, block, hidden, need_q=True):
+        """q / k of the dense block's self-attention, also under width pruning: an expert's
+        kept heads have these same projections, and every row gets the same heads whatever
+        expert it is routed to (a ``_Routed`` / ``_Removed`` attn1 has no projections of its own)."""
+        attn = self.attn1[i]
         x = block.norm1(hidden)
         B, n, _ = x.shape
 
@@ -310,12 +317,12 @@ class UNetAdapter(HookedAdapter):
         q = split(attn.to_q(x), attn.norm_q) if need_q else None
         return q, split(attn.to_k(x), attn.norm_k)
 
-    def _attention(self, block, hidden, query_slots):
-        q, k = self._qk(block, hidden)
+    def _attention(self, i, block, hidden, query_slots):
+        q, k = self._qk(i, block, hidden)
         if query_slots is not None:
             q = q.gather(2, query_slots[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1]))
         visible = torch.ones(1, 1, 1, k.shape[2], dtype=torch.bool, device=k.device)
-        return attention_probs(q, k, block.attn1.scale, visible)
+        return attention_probs(q, k, self.attn1[i].scale, visible)
 
 
 # ---- structural pruning: a smaller copy of the U-Net (the experts of APTP-style routing) ------

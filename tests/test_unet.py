@@ -239,3 +239,81 @@ def test_sliced_expert_equals_the_gated_unet(unet):
         slice_unet(unet, channels={9: torch.ones(128, dtype=torch.bool)})
     with pytest.raises(tp.TokenPruneError, match="keeping at least one"):
         slice_unet(unet, heads={0: torch.zeros(blocks[0].attn1.heads, dtype=torch.bool)})
+
+
+# ---- token methods on top of width pruning (sliced / routed experts) ---------------------------
+@pytest.mark.parametrize("name", sorted(UNET_CASES))
+def test_token_methods_compose_with_routed_experts(name):
+    """Every U-Net token method (fastv / tome / zero-tprune / vflowopt read the block's attention
+    or keys) runs on top of several routed experts: each row is its expert's output with the
+    tokens chosen from the dense block's own self-attention, i.e. the full U-Net with the dropped
+    heads / channels gated to zero (same q / k projections) under the same token method."""
+    from .test_unet_static import TwoExperts, gated
+
+    unet = tiny_unet()
+    x, t, ctx = inputs(4, seed=3)  # (seed 2 has a near-tie of tome-sd similarities: a top-k flips batch vs alone)
+    ctx[:, 0, 0] = torch.tensor([1.0, -1.0, -1.0, 1.0])  # rows 0, 3 -> expert 1 (drops block 1's attention)
+    before, hooks, dense = params_of(unet), hook_count(unet), run(unet, x, t, ctx)
+    experts = TwoExperts()
+    with tp.pruning(unet, experts):
+        widths_only = run(unet, x, t, ctx)
+    with tp.pruning(unet, [experts, make(name, noop=True)]):
+        assert torch.equal(run(unet, x, t, ctx), widths_only), "a keep-everything token method changes nothing"
+    with tp.pruning(unet, [make(name), experts]) as h:
+        both = run(unet, x, t, ctx)
+        stats = h.stats
+        alone = torch.cat([run(unet, x[i: i + 1], t, ctx[i: i + 1]) for i in range(len(x))])
+    from tokenprune.adapters.unet import transformer_blocks, width_units
+
+    masks = experts.experts(width_units(transformer_blocks(unet)))
+    refs = []
+    for m in masks:
+        ref_unet = gated(unet, m["heads"], m["channels"])
+        with tp.pruning(ref_unet, make(name)):
+            refs.append(run(ref_unet, x, t, ctx))
+    expected = torch.where(torch.tensor([1, 0, 0, 1])[:, None, None, None] == 1, refs[1], refs[0])
+    assert both.shape == dense.shape and not torch.allclose(both, widths_only, atol=1e-4)
+    assert torch.allclose(both, expected, atol=1e-5), "each row: its expert under the token method"
+    assert torch.allclose(both, alone, atol=1e-5), "a batch must equal each row alone"
+    assert stats.codes == [1, 0, 0, 1] and min(r[0] for r in stats.tokens_per_layer) < 256
+    assert torch.equal(run(unet, x, t, ctx), dense) and hook_count(unet) == hooks
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+
+
+def test_token_method_on_one_sliced_expert_reads_the_dense_attention():
+    """unet-static (one expert, sliced in place) + fastv: the same tokens as on the gated full U-Net."""
+    from tokenprune.adapters.unet import transformer_blocks, width_units
+
+    from .test_unet_static import gated
+
+    unet = tiny_unet()
+    x, t, ctx = inputs(2)
+    static = tp.build_pruner("unet-static", keep=0.5)
+    with tp.pruning(unet, [static, make("fastv")]):
+        both = run(unet, x, t, ctx)
+    m = static.experts(width_units(transformer_blocks(unet)))[0]
+    ref_unet = gated(unet, m["heads"], m["channels"])
+    with tp.pruning(ref_unet, make("fastv")):
+        ref = run(ref_unet, x, t, ctx)
+    assert torch.allclose(both, ref, atol=1e-5)
+
+
+def test_a_second_attach_is_refused_and_a_list_is_the_way():
+    """One attachment per model: a token method next to a width pruner goes in the same list;
+    a second tp.prune raises the library's error and leaves the first attachment as it was."""
+    from .test_unet_static import TwoExperts
+
+    unet = tiny_unet()
+    x, t, ctx = inputs(2)
+    dense = run(unet, x, t, ctx)
+    with tp.pruning(unet, TwoExperts()):
+        widths_only = run(unet, x, t, ctx)
+        with pytest.raises(tp.AlreadyAttachedError, match="pass a list"):
+            tp.prune(unet, tp.ToMeSD(ratio=0.5))
+        assert torch.equal(run(unet, x, t, ctx), widths_only)
+    with tp.pruning(unet, [tp.ToMeSD(ratio=0.5), TwoExperts()]) as h:
+        with pytest.raises(tp.AlreadyAttachedError):
+            tp.prune(unet, make("fastv"))
+        run(unet, x, t, ctx)
+    assert min(r[0] for r in h.stats.tokens_per_layer) < 256 and h.stats.flops < h.stats.dense_flops
+    assert torch.equal(run(unet, x, t, ctx), dense)
