@@ -120,21 +120,27 @@ def refuse_retired_cache(*args, **kwargs):
     raise TokenPruneError("this KV cache was filled under a pruner that has been removed; " + CACHE_RULE)
 
 
-class ReorderRows:
-    """``cache.reorder_cache`` of a cache filled under decode-time routing (instance attribute).
+class FollowRows:
+    """``cache.reorder_cache`` / ``batch_repeat_interleave`` / ``batch_select_indices`` of a cache
+    filled under pruning (instance attributes, installed at its prefill).
 
-    Beam search reorders the cache's rows between steps; once generated tokens route by content,
-    beams of one prompt hold different keys, so the request's per-row key bookkeeping must follow.
+    HF moves a cache's rows between steps: beam search reorders them; contrastive search repeats
+    each row ``top_k`` times, runs the candidates, then keeps the chosen one per prompt. Pruned rows
+    hold different keys (each row kept its own tokens; once generated tokens route by content, the
+    beams or candidates of one prompt differ too), so the request's per-row key bookkeeping moves
+    with the rows.
     """
 
-    def __init__(self, cache, request):
-        self.cache, self.request = weakref.ref(cache), weakref.ref(request)
+    OPS = ("reorder_cache", "batch_repeat_interleave", "batch_select_indices")
 
-    def __call__(self, beam_idx):
+    def __init__(self, cache, request, op: str):
+        self.cache, self.request, self.op = weakref.ref(cache), weakref.ref(request), op
+
+    def __call__(self, arg):
         cache, request = self.cache(), self.request()
-        type(cache).reorder_cache(cache, beam_idx)
+        getattr(type(cache), self.op)(cache, arg)
         if request is not None:
-            request.reorder(beam_idx)
+            request.follow(self.op, arg)
 
     def __reduce__(self):  # a pickled copy cannot be continued by tokenprune anyway
         return (getattr, (sys.modules[__name__], "refuse_retired_cache"))
@@ -164,11 +170,25 @@ class Request:
     row_offset: torch.Tensor | None = None  # (B,) left padding per row
 
     def reorder(self, rows: torch.Tensor) -> None:
+        """Row ``r`` becomes the old row ``rows[r]`` (rows may repeat or be left out)."""
         for table in (self.key_index, self.key_valid, self.shift):
             for layer, t in table.items():
                 table[layer] = t.index_select(0, rows.to(t.device))
         if self.row_offset is not None:
             self.row_offset = self.row_offset.index_select(0, rows.to(self.row_offset.device))
+        if self.next_position is not None and self.next_position.shape[0] > 1:  # (1,): shared by every row
+            self.next_position = self.next_position.index_select(0, rows.to(self.next_position.device))
+
+    def follow(self, op: str, arg) -> None:
+        """Move the bookkeeping as the cache's ``op`` (one of ``FollowRows.OPS``) moved its rows."""
+        if op == "batch_repeat_interleave":
+            if self.row_offset is None:
+                return
+            rows = torch.arange(self.row_offset.shape[0]).repeat_interleave(int(arg))
+        else:
+            rows = torch.as_tensor(arg)
+            rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long().flatten()
+        self.reorder(rows)
 
     def held(self, layer: int) -> int:
         """Keys ``layer``'s cache holds (the dense length unless a reduction reached it)."""
@@ -342,8 +362,9 @@ class DecoderAdapter(HookedAdapter):
         self._account_kv(call)
         req.dense_len = call.start_len + call.stream.N
         cache = kwargs.get("past_key_values")
-        if call.mode == "prefill" and cache is not None and any(p.routes_decode for p in self.pruners):
-            cache.reorder_cache = ReorderRows(cache, req)
+        if call.mode == "prefill" and cache is not None and (req.key_index or any(p.routes_decode for p in self.pruners)):
+            for op in FollowRows.OPS:  # beam / contrastive search move the rows: the bookkeeping follows
+                setattr(cache, op, FollowRows(cache, req, op))
         req.stats.forward_calls += 1
         self.last_stats = req.stats
         return None

@@ -452,3 +452,62 @@ def test_an_ftp_router_for_another_model_is_refused_at_prune_time(tmp_path, trai
     with pytest.raises(tp.TokenPruneError, match=message):
         tp.prune(model, pruner)
     assert_untouched(model, before, hooks, ids, dense)
+
+
+# ---- the cache row moves of contrastive search (batch_repeat_interleave + batch_select_indices) -----
+@dataclass
+class GeneratedOnlyRouter(HiddenRouter):
+    """Prompt tokens run every block; generated tokens route by content (so no key bookkeeping
+    exists after the prefill: it starts at the first decode step)."""
+
+    def select(self, state):
+        generated = state.segments == int(tp.Segment.GENERATED)
+        keep = state.valid & ((state.hidden[..., 0] >= self.cut) | (state.positions() == 0) | ~generated)
+        self.log.append((state.layer, state.decoding, state.index.clone(), state.valid & ~keep, keep.clone()))
+        return tp.Skip(keep=keep)
+
+
+def contrastive_steps(model, ids, top_k=3, steps=5):
+    """The cache calls of HF's contrastive search (``transformers-community/contrastive-search``,
+    the ``custom_generate`` transformers v5 moved it to): after each step every row is repeated
+    ``top_k`` times (``batch_repeat_interleave``), the top-k candidates run as one batch, and the
+    chosen candidate's row is kept (``batch_select_indices``). The pick here is not the top
+    candidate, so a wrong row would show. Returns the sequences and the logits each chosen token
+    was drawn from."""
+    from transformers import DynamicCache
+
+    B = ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    mask = torch.ones_like(ids)
+    logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+    mask = mask.repeat_interleave(top_k, dim=0)
+    seq, drawn = ids, []
+    for t in range(steps):
+        drawn.append(logits)
+        top = logits.topk(top_k, dim=-1).indices  # (B, top_k)
+        cache.batch_repeat_interleave(top_k)
+        mask = torch.cat([mask, mask.new_ones(B * top_k, 1)], dim=1)
+        out = model(top.reshape(-1, 1), attention_mask=mask, past_key_values=cache, use_cache=True)
+        pick = (torch.arange(B) + t) % top_k
+        cache.batch_select_indices(pick + torch.arange(B) * top_k)
+        logits = out.logits[:, -1].view(B, top_k, -1)[torch.arange(B), pick]
+        seq = torch.cat([seq, top[torch.arange(B), pick][:, None]], dim=1)
+    return seq, torch.stack(drawn, dim=1), cache
+
+
+@pytest.mark.parametrize("router", [HiddenRouter, GeneratedOnlyRouter])
+def test_contrastive_search_cache_moves_carry_the_routed_rows(router):
+    """Candidates of one prompt route their token differently, so they hold different keys: the
+    rows contrastive search keeps must bring their own key bookkeeping (without it: a row-count
+    error, or, when only generated tokens route, silently the wrong rows' keys)."""
+    model = tiny_decoder("llama-sdpa")
+    ids = torch.cat([prompt(12, seed=4), prompt(12, seed=5)])
+    r = router()
+    with torch.no_grad(), tp.pruning(model, r) as handle:
+        seq, drawn, cache = contrastive_steps(model, ids)
+        again = recompute_step_logits(model, handle, seq, ids.shape[1])
+        held = [cache.layers[i].get_seq_length() for i in range(4)]
+    skipped = [s for _, decoding, _, s, _ in r.log if decoding]
+    assert any(bool(s.any()) for s in skipped), "generated tokens should skip some blocks"
+    assert held[0] == seq.shape[1]  # (the chosen candidate's own keys are in: contrastive search looks ahead)
+    assert torch.allclose(drawn, again, atol=1e-4, rtol=1e-4)
