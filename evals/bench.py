@@ -552,6 +552,21 @@ def bench_lvlm(methods=None, prunes=(0.75, 0.9), text=60, repeats=5, device=None
 SKIP_METHODS = ["shortgpt", "skip-rank", "skip-random", "ftp", "ftp:schedule=searched"]
 
 
+def routing_only(pruner):
+    """A copy of ``pruner`` that computes its routing (``select``) and then skips nothing, so its
+    prefill time above dense is the cost of choosing: features, scores and the hooks that capture
+    what ``select`` reads."""
+    p = copy.copy(pruner)
+    select = p.select
+
+    def route_and_keep_all(state):
+        select(state)
+        return None
+
+    p.select = route_and_keep_all
+    return p
+
+
 @torch.no_grad()
 def bench_skip(methods=None, sparsity=0.3, length=512, new_tokens=16, repeats=3, device=None) -> dict:
     """SmolLM2-135M prefill (``length`` tokens) and per-token decode (``new_tokens`` greedy steps
@@ -560,9 +575,11 @@ def bench_skip(methods=None, sparsity=0.3, length=512, new_tokens=16, repeats=3,
     Prefill ideal: the dense model's own time at each layer's token count (the decoder timed at
     the routed count, a block no token runs costs nothing), as for ``lvlm``. Decode ideal: the
     dense step's time times the step's FLOPs ratio, the LM head's ``2 * hidden * vocab`` per token
-    included (it is never skipped). ``routing_share_of_dense``: time in the methods' ``select``
-    (attention recomputed, ranks, hashes) over the dense prefill; the rest of the gap to the
-    ideal is the engine's (gathers, masks, hook calls).
+    included (it is never skipped). ``prefill_flop_ideal_speedup``: dense over routed FLOPs.
+    ``routing_share_of_dense``: time in the methods' ``select`` (attention recomputed, ranks,
+    hashes) over the dense prefill; the rest of the gap to the ideal is the engine's (gathers,
+    masks, hook calls). ``routing_overhead``: the prefill with the method's routing computed but
+    nothing skipped (``RoutingOnly``), minus dense, over dense: what choosing costs, hooks included.
     """
     from tqdm.auto import tqdm
 
@@ -614,6 +631,7 @@ def bench_skip(methods=None, sparsity=0.3, length=512, new_tokens=16, repeats=3,
     base = model.model
     fns = {"dense": prefill()}
     fns.update({f"prefill:{n}": prefill(p) for n, p in pruners.items()})
+    fns.update({f"routing:{n}": prefill(routing_only(p)) for n, p in pruners.items()})
     fns.update({f"decoder@{n}": (lambda n=n: base(ids[:, :n])) for n in counts})
     decoders = {"dense": decode()}
     decoders.update({n: decode(p) for n, p in pruners.items()})
@@ -652,20 +670,25 @@ def bench_skip(methods=None, sparsity=0.3, length=512, new_tokens=16, repeats=3,
         flops, dense_flops = decoders[name].stats
         decode_ratio = (flops + head * new_tokens) / (dense_flops + head * new_tokens)
         step, ideal_step = step_t[name], dense_step * decode_ratio
+        flop_ideal = 1 / stats.flops_ratio
         rows.append({
             "method": name, "config": pruner.to_dict(), "tokens_per_layer": tokens,
             "prefill_flops_ratio": round(stats.flops_ratio, 4), "kv_ratio": round(stats.kv_ratio, 4),
             "prefill_s": round(t, 4), "prefill_ideal_s": round(ideal, 4),
             "prefill_speedup": round(dense_t / t, 3), "prefill_ideal_speedup": round(dense_t / ideal, 3),
+            "prefill_flop_ideal_speedup": round(flop_ideal, 3),
+            "prefill_speedup_share_of_flop_ideal": round(dense_t / t / flop_ideal, 3),
             "prefill_savings_fraction_of_ideal": round((dense_t - t) / (dense_t - ideal), 3) if dense_t > ideal else None,
             "routing_share_of_dense": round(routing / dense_t, 4),
+            "routing_only_s": round(times[f"routing:{name}"], 4),
+            "routing_overhead": round(times[f"routing:{name}"] / dense_t - 1, 4),
             "decode_ms": round(1000 * step, 2), "decode_ideal_ms": round(1000 * ideal_step, 2),
             "decode_flops_ratio": round(decode_ratio, 4),
             "decode_speedup": round(dense_step / step, 3), "decode_ideal_speedup": round(dense_step / ideal_step, 3),
         })
-    cols = ["method", "prefill_flops_ratio", "prefill_s", "prefill_ideal_s", "prefill_speedup", "prefill_ideal_speedup",
-            "prefill_savings_fraction_of_ideal", "routing_share_of_dense", "decode_ms", "decode_ideal_ms",
-            "decode_speedup", "decode_ideal_speedup"]
+    cols = ["method", "prefill_flops_ratio", "prefill_s", "prefill_speedup", "prefill_ideal_speedup",
+            "prefill_flop_ideal_speedup", "prefill_speedup_share_of_flop_ideal", "prefill_savings_fraction_of_ideal",
+            "routing_overhead", "routing_share_of_dense", "decode_ms", "decode_speedup", "decode_ideal_speedup"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "-")) for c in cols), flush=True)
