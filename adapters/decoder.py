@@ -120,24 +120,28 @@ def refuse_retired_cache(*args, **kwargs):
     raise TokenPruneError("this KV cache was filled under a pruner that has been removed; " + CACHE_RULE)
 
 
-class FollowRows:
-    """``cache.reorder_cache`` / ``batch_repeat_interleave`` / ``batch_select_indices`` of a cache
-    filled under pruning (instance attributes, installed at its prefill).
+class CacheOp:
+    """``reorder_cache`` / ``batch_repeat_interleave`` / ``batch_select_indices`` / ``crop`` of a
+    cache filled under pruning (instance attributes, installed at its prefill).
 
     HF moves a cache's rows between steps: beam search reorders them; contrastive search repeats
     each row ``top_k`` times, runs the candidates, then keeps the chosen one per prompt. Pruned rows
     hold different keys (each row kept its own tokens; once generated tokens route by content, the
     beams or candidates of one prompt differ too), so the request's per-row key bookkeeping moves
-    with the rows.
+    with the rows. Assisted and prompt-lookup decoding ``crop`` the rejected candidates' keys: a
+    pruned layer holds them in its own columns, not the last ``n`` (``Request.crop``).
     """
 
-    OPS = ("reorder_cache", "batch_repeat_interleave", "batch_select_indices")
+    OPS = ("reorder_cache", "batch_repeat_interleave", "batch_select_indices", "crop")
 
     def __init__(self, cache, request, op: str):
         self.cache, self.request, self.op = weakref.ref(cache), weakref.ref(request), op
 
     def __call__(self, arg):
         cache, request = self.cache(), self.request()
+        if self.op == "crop" and request is not None:
+            request.crop(cache, arg)
+            return
         getattr(type(cache), self.op)(cache, arg)
         if request is not None:
             request.follow(self.op, arg)
@@ -168,6 +172,7 @@ class Request:
     dense_len: int = 0
     stats: Stats = field(default_factory=Stats)
     row_offset: torch.Tensor | None = None  # (B,) left padding per row
+    prompt_len: int = 0  # the prefill's length: what ``crop`` may not cut into
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row ``r`` becomes the old row ``rows[r]`` (rows may repeat or be left out)."""
@@ -180,7 +185,7 @@ class Request:
             self.next_position = self.next_position.index_select(0, rows.to(self.next_position.device))
 
     def follow(self, op: str, arg) -> None:
-        """Move the bookkeeping as the cache's ``op`` (one of ``FollowRows.OPS``) moved its rows."""
+        """Move the bookkeeping as the cache's ``op`` (a row move of ``CacheOp.OPS``) moved its rows."""
         if op == "batch_repeat_interleave":
             if self.row_offset is None:
                 return
@@ -189,6 +194,34 @@ class Request:
             rows = torch.as_tensor(arg)
             rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long().flatten()
         self.reorder(rows)
+
+    def crop(self, cache, tokens_to_remove: int) -> None:
+        """``cache.crop(-n)``: the sequence's last ``n`` tokens leave every layer. Dense layers drop
+        their last ``n`` keys; a pruned layer drops the columns that held only those tokens (the
+        others' keys of those tokens become masked fillers)."""
+        n = -int(tokens_to_remove)
+        if n < 0:
+            raise TokenPruneError(f"cache.crop({tokens_to_remove}): a pruned KV cache is cropped by a negative "
+                                  "count of tokens to remove, as transformers v5 does")
+        if self.dense_len - n < self.prompt_len:  # (assisted / prompt-lookup decoding prefill with the candidates)
+            raise TokenPruneError(f"cache.crop({tokens_to_remove}) would cut into the {self.prompt_len} tokens of the "
+                                  "pruned prefill: its reductions chose among the tokens cut (assisted and prompt-lookup "
+                                  "decoding prefill the prompt with their first candidates: not supported under "
+                                  "pruning); only tokens decoded after the prefill can be cropped")
+        new_len = self.dense_len - n
+        for i, layer in enumerate(cache.layers):
+            if i not in self.key_index:
+                layer.crop(-n)
+                continue
+            index, keep = self.key_index[i], self.key_valid[i] & (self.key_index[i] < new_len)
+            cols = keep.any(0).nonzero().flatten()
+            if len(cols) < index.shape[1] and layer.is_initialized:
+                layer.keys, layer.values = layer.keys.index_select(2, cols.to(layer.keys.device)), \
+                    layer.values.index_select(2, cols.to(layer.values.device))
+            self.key_index[i], self.key_valid[i] = index[:, cols], keep[:, cols]
+        self.dense_len = new_len
+        if self.next_position is not None:
+            self.next_position = self.next_position - n
 
     def held(self, layer: int) -> int:
         """Keys ``layer``'s cache holds (the dense length unless a reduction reached it)."""
@@ -363,8 +396,9 @@ class DecoderAdapter(HookedAdapter):
         req.dense_len = call.start_len + call.stream.N
         cache = kwargs.get("past_key_values")
         if call.mode == "prefill" and cache is not None and (req.key_index or any(p.routes_decode for p in self.pruners)):
-            for op in FollowRows.OPS:  # beam / contrastive search move the rows: the bookkeeping follows
-                setattr(cache, op, FollowRows(cache, req, op))
+            req.prompt_len = req.dense_len
+            for op in CacheOp.OPS:  # beam / contrastive search move rows, assisted decoding crops: the bookkeeping follows
+                setattr(cache, op, CacheOp(cache, req, op))
         req.stats.forward_calls += 1
         self.last_stats = req.stats
         return None

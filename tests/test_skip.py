@@ -511,3 +511,48 @@ def test_contrastive_search_cache_moves_carry_the_routed_rows(router):
     assert any(bool(s.any()) for s in skipped), "generated tokens should skip some blocks"
     assert held[0] == seq.shape[1]  # (the chosen candidate's own keys are in: contrastive search looks ahead)
     assert torch.allclose(drawn, again, atol=1e-4, rtol=1e-4)
+
+
+def test_crop_removes_the_routed_keys_of_the_last_tokens():
+    """``cache.crop(-n)`` (contrastive search's low-memory path after each candidate; assisted
+    decoding): each routed layer drops the keys of the last n tokens wherever it holds them, so
+    the run continues as if they never ran. Cropping into the prefill is refused."""
+    from transformers import DynamicCache
+
+    model = tiny_decoder("llama-eager")
+    ids = torch.cat([prompt(12, seed=4), prompt(12, seed=5)])
+    r = HiddenRouter()
+    with torch.no_grad(), tp.pruning(model, r) as handle:
+        cache = DynamicCache(config=model.config)
+        mask = torch.ones(2, 12, dtype=torch.long)
+        logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+        prefill_held = [layer.get_seq_length() for layer in cache.layers]
+        seq, drawn = ids, []
+        for t in range(5):
+            drawn.append(logits)
+            top = logits.topk(3, dim=-1).indices
+            mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            for k in range(3):  # try each candidate, then take it back out
+                model(top[:, k : k + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                cache.crop(-1)
+            chosen = top[:, t % 3 : t % 3 + 1]
+            logits = model(chosen, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+            seq = torch.cat([seq, chosen], dim=1)
+        again = recompute_step_logits(model, handle, seq, ids.shape[1])
+        assert any(bool(s.any()) for _, decoding, _, s, _ in r.log if decoding)
+        assert torch.allclose(torch.stack(drawn, dim=1), again, atol=1e-4, rtol=1e-4)
+        cache.crop(-5)  # every generated token out: back to the prefill's cache
+        assert [layer.get_seq_length() for layer in cache.layers] == prefill_held
+        with pytest.raises(tp.TokenPruneError, match="cut into the 12 tokens of the pruned prefill"):
+            cache.crop(-1)
+
+
+def test_prompt_lookup_decoding_under_pruning_is_refused_with_the_library_error():
+    """Prompt-lookup (and assisted) decoding prefill the prompt with their first candidates, then
+    crop the rejected ones: the prefill's reductions chose among them, so the crop is refused."""
+    model = tiny_decoder("llama-sdpa")
+    ids = prompt(12, seed=4)
+    ids = torch.cat([ids, ids[:, 2:8], ids[:, 2:8]], dim=1)  # repeats: the lookup proposes candidates
+    with torch.no_grad(), tp.pruning(model, HiddenRouter()):
+        with pytest.raises(tp.TokenPruneError, match="prompt-lookup decoding prefill the prompt with their first"):
+            model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
