@@ -540,6 +540,7 @@ class Widths:
         for b, part, original in reversed(self.swapped):
             setattr(b, part, original)
         self.swapped.clear()
+        self.parts = []  # an adapter attaches once: free the sliced copies now, not at the next gc cycle
 
     def groups(self, context, batch: int, mask=None, sample=None):
         """[(expert, rows, count)] of one call: rows a slice where the group is contiguous.

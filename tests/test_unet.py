@@ -317,3 +317,24 @@ def test_a_second_attach_is_refused_and_a_list_is_the_way():
         run(unet, x, t, ctx)
     assert min(r[0] for r in h.stats.tokens_per_layer) < 256 and h.stats.flops < h.stats.dense_flops
     assert torch.equal(run(unet, x, t, ctx), dense)
+
+
+def test_remove_frees_the_sliced_copies_at_once():
+    """A kept handle (to read its stats) does not keep the experts' sliced copies alive."""
+    import gc
+    import weakref
+
+    from .test_unet_static import TwoExperts
+
+    unet = tiny_unet()
+    x, t, ctx = inputs(2)
+    originals = {id(m) for m in unet.modules()}
+    gc.disable()  # freed by reference counting, not by a collection
+    try:
+        handle = tp.prune(unet, TwoExperts())
+        run(unet, x, t, ctx)
+        copies = [weakref.ref(c) for b in unet.modules() for c in getattr(b, "copies", []) if id(c) not in originals]
+        handle.remove()
+        assert copies and all(r() is None for r in copies) and handle.stats.flops < handle.stats.dense_flops
+    finally:
+        gc.enable()
