@@ -45,7 +45,7 @@ from ..pruner import ModelFacts
 from ..state import Segment, TokenState
 from ..stats import Stats, decoder_layer_flops, kv_bytes_per_token
 from .base import HookedAdapter, attention_mass, attention_probs
-from .stream import Stream, expand_rows, gather_rows
+from .stream import Stream, expand_rows, gather_rows, scatter_rows
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -465,13 +465,14 @@ class DecoderAdapter(HookedAdapter):
         st._keys = (lambda: self._keys(call)) if call.stash is not None else None
         st._mass = (lambda on, qs: self._attention(call, qs, on)) if call.stash is not None else None
         version, merges = stream.version, len(stream.redirects)
-        for pruner in self.at.get(i, ()):
+        pruners = self.at.get(i, ())
+        for k, pruner in enumerate(pruners):
             reduction = pruner.select(st)
             if reduction is None or reduction.is_noop(st):
                 continue
             if stream.skip is not None:
                 raise TokenPruneError(f"layer {i}: a Skip must be the last reduction before its layer")
-            self._reduce(call, i, reduction)
+            self._reduce(call, i, reduction, rescore=k + 1 < len(pruners))
         if stream.version != version:
             record_reduction(call.request.stats, i, st, stream.redirects[merges:])
         hollow = self._is_hollow(call, i)
@@ -494,13 +495,14 @@ class DecoderAdapter(HookedAdapter):
         stats.dense_flops += B * decoder_layer_flops(self.config, stream.N, stream.N)
         return st.hidden
 
-    def _reduce(self, call: Call, i: int, reduction):
+    def _reduce(self, call: Call, i: int, reduction, rescore: bool = True):
+        """Apply ``reduction`` before layer i; ``rescore``: a later pruner at this layer will score."""
         before = self._positions(call) if self.renumber else None
         slots, valid = call.stream.reduce(i, reduction)
         if self.renumber:  # persistent reductions renumber; skipping tokens keep the numbering
             call.positions_before_skip = None if reduction.persistent else before
             call.positions = (valid.long().cumsum(1) - 1).clamp_min(0) if reduction.persistent else gather_rows(before, slots)
-        if call.stash is not None:  # a later pruner at this layer scores the reduced set
+        if rescore and call.stash is not None:  # a later pruner at this layer scores the reduced set
             li, h, rope, _, ran, _ = call.stash
             call.stash = (li, gather_rows(h, slots), tuple(gather_rows(t, slots) for t in rope), valid,
                           None if ran is None else ran.gather(1, slots), None)
@@ -829,8 +831,8 @@ class DecoderAdapter(HookedAdapter):
         if slots is not None:
             B, n, _ = hidden.shape
             q, k = cap["q"], cap["k"]
-            full_q = q.new_zeros(B, n, q.shape[-1]).scatter(1, slots[..., None].expand_as(q), q)
-            full_k = k.new_zeros(B, n, k.shape[-1]).scatter(1, slots[..., None].expand_as(k), k)
+            full_q = scatter_rows(q.new_zeros(B, n, q.shape[-1]), slots, q)
+            full_k = scatter_rows(k.new_zeros(B, n, k.shape[-1]), slots, k)
             missing = torch.ones(B, n, dtype=torch.bool, device=hidden.device).scatter(1, slots, False)
             if bool(missing.any()):
                 layer = self.layers[li]

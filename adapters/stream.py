@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..state import TokenState, expand_rows, gather_rows  # noqa: F401  (the adapters import them from here)
+from ..state import TokenState, expand_rows, gather_rows, scatter_rows  # noqa: F401  (the adapters import them from here)
 
 
 class Stream:
@@ -46,9 +46,9 @@ class Stream:
         if self.skip is None or self.skip[0] != layer:
             return None
         _, slots, valid, full, saved = self.skip
-        B, m, D = out.shape
-        out = torch.where(valid[..., None], out, gather_rows(full, slots))
-        merged = full.scatter(1, slots[..., None].expand(B, m, D), out)
+        if not bool(valid.all()):  # fillers (rows that kept fewer) keep their input
+            out = torch.where(valid[..., None], out, gather_rows(full, slots))
+        merged = scatter_rows(full, slots, out)
         st = self.state
         st.index, st.valid, st.segments, st.sizes = saved
         st.hidden = merged

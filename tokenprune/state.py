@@ -15,9 +15,24 @@ def expand_rows(t: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def gather_rows(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``t[b, slots[b]]`` for ``t`` of shape (B or 1, n, ...)."""
-    t = expand_rows(t, slots.shape[0])
-    return t.gather(1, slots.view(*slots.shape, *([1] * (t.dim() - 2))).expand(*slots.shape, *t.shape[2:]))
+    """``t[b, slots[b]]`` for ``t`` of shape (B or 1, n, ...).
+
+    Whole-row copies (``index_select`` on the flattened rows): on a CPU about ten times faster
+    than an element-wise ``gather``, and the engine gathers the hidden states at every routed block.
+    """
+    B, m = slots.shape
+    if t.shape[0] == 1:
+        return t[0].index_select(0, slots.reshape(-1)).view(B, m, *t.shape[2:])
+    n = t.shape[1]
+    flat = (slots + torch.arange(B, device=slots.device)[:, None] * n).reshape(-1)
+    return t.reshape(B * n, *t.shape[2:]).index_select(0, flat).view(B, m, *t.shape[2:])
+
+
+def scatter_rows(t: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (B, n, ...) with ``t[b, slots[b]] = values[b]`` (slots distinct within a row)."""
+    B, n = t.shape[:2]
+    flat = (slots + torch.arange(B, device=slots.device)[:, None] * n).reshape(-1)
+    return t.reshape(B * n, *t.shape[2:]).index_copy(0, flat, values.reshape(-1, *t.shape[2:])).view(t.shape)
 
 
 class Segment(IntEnum):
