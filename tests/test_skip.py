@@ -556,3 +556,25 @@ def test_prompt_lookup_decoding_under_pruning_is_refused_with_the_library_error(
     with torch.no_grad(), tp.pruning(model, HiddenRouter()):
         with pytest.raises(tp.TokenPruneError, match="prompt-lookup decoding prefill the prompt with their first"):
             model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3)
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 5), (3, 9, 5), (3, 9), (3, 9, 2, 4)])
+def test_row_gather_and_scatter_match_their_definition(shape):
+    """The engine's row copies (index_select / index_copy) equal t[b, slots[b]] element for element,
+    for a one-row tensor shared by every row too."""
+    from tokenprune.state import gather_rows, scatter_rows
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(*shape, generator=g)
+    slots = torch.stack([torch.randperm(9, generator=g)[:4].sort().values for _ in range(3)])
+    gathered = gather_rows(t, slots)
+    assert gathered.shape == (3, 4, *shape[2:])
+    for b in range(3):
+        assert torch.equal(gathered[b], t[0 if shape[0] == 1 else b, slots[b]])
+    if shape[0] == 3:
+        values = torch.randn(3, 4, *shape[2:], generator=g)
+        out = scatter_rows(t, slots, values)
+        expected = t.clone()
+        for b in range(3):
+            expected[b, slots[b]] = values[b]
+        assert torch.equal(out, expected) and not torch.equal(out, t)
