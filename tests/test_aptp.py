@@ -13,7 +13,7 @@ import torch
 
 import tokenprune as tp
 
-from .test_unet import hook_count, inputs, params_of, run, tiny_unet
+from .test_unet import hook_count, inputs, params_of, run, tiny_sd_pipeline, tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -36,7 +36,14 @@ def make_router(unet, seed=0):
             head.weight.mul_(40)
         anchors = r(inputs(6, seed=3)[2][:3])
         r.codes.copy_(torch.where(anchors + r.config["offset"] > 0, 3.0, -5.0))
+        r.codes[:, depth_gates(r)] = 3.0  # every block kept (tests below drop blocks on purpose)
     return r
+
+
+def depth_gates(router):
+    """Indices of the depth gates in an architecture vector (the last gate of each block's group)."""
+    ends = torch.tensor(router.sizes).cumsum(0)
+    return (ends[2::3] - 1).tolist()
 
 
 @pytest.fixture
@@ -187,8 +194,10 @@ def test_training_script_smoke(tmp_path):
     assert aptp.router.num_codes == 4 and len(aptp.code_shares()) == 4
 
 
-def test_training_gates_compute_what_the_experts_compute(unet):
-    """train_aptp.py's 0 / 1 gates on a full U-Net equal each code's sliced expert (train = inference)."""
+def test_training_gates_compute_what_the_experts_compute(unet, tmp_path):
+    """train_aptp.py's 0 / 1 gates on a full U-Net equal each code's expert as the adapter builds
+    it (train = inference), with a width group that loses every gate (its strongest unit stays)
+    and a depth gate that drops a whole block (its attn1 / attn2 / ff removed, costing nothing)."""
     import copy
     import importlib.util
 
@@ -198,17 +207,99 @@ def test_training_gates_compute_what_the_experts_compute(unet):
     router = make_router(unet)
     with torch.no_grad():
         router.codes[1, : router.sizes[0]] = -9.0  # block 0 loses every head: the strongest one stays
+        router.codes[2, depth_gates(router)[1]] = -9.0  # code 2 drops block 1 whole
     gated = copy.deepcopy(unet)
     gates = train.Gates(gated, router)
     x, t, ctx = inputs(3)
     gates.value = router.gates(router.codes, noise=False)  # row k on code k
     out = run(gated, x, t, ctx)
     gates.remove()
-    heads = [router.code_masks(k)[0][0] for k in range(3)]
-    assert int(heads[1].sum()) == 1
-    for k, e in enumerate(router_experts(router, unet)):
-        assert torch.allclose(out[k: k + 1], run(e, x[k: k + 1], t, ctx[k: k + 1]), atol=1e-5)
+    heads = [router.code_masks(k)[0] for k in range(3)]
+    assert int(heads[1][0].sum()) == 1 and router.dropped_blocks(2) == [1] and not bool(heads[2][1].any())
+    router.save(str(tmp_path / "r"))
+    load_router.cache_clear()
+    blocks = transformer_blocks(unet)
+    for k in range(3):
+        with tp.pruning(unet, tp.build_pruner("aptp", checkpoint=str(tmp_path / "r"), code=k)) as h:
+            alone = run(unet, x[k: k + 1], t, ctx[k: k + 1])
+            removed = [type(b.ff.copies[k] if hasattr(b.ff, "copies") else b.ff).__name__ == "_Removed" for b in blocks]
+        assert torch.allclose(out[k: k + 1], alone, atol=1e-5)
+        assert h.stats.flops_ratio == pytest.approx(router.kept_share(k), rel=1e-3)
+        assert removed == [k == 2 and i == 1 for i in range(len(blocks))]
+    assert router.kept_share(2) < router.kept_share(0)
 
 
-def router_experts(router, unet):
-    return [slice_unet(unet, *router.code_masks(k)) for k in range(router.num_codes)]
+def test_negative_prompt_pairs_run_on_one_expert(tmp_path):
+    """A real StableDiffusionPipeline call with a negative prompt: each image's guidance rows
+    (negative prompt, prompt; same noise) run on one expert, the wider of the two rows' codes,
+    so the images equal a run with that expert forced; different noise keeps rows apart."""
+    from tokenprune.methods.aptp import APTP
+
+    pipe = tiny_sd_pipeline(tmp_path)
+    prompt, negative = "a red cat", "blurry"
+    ids = pipe.tokenizer([negative, prompt, "two dogs"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ctx = pipe.text_encoder(ids)[0]
+    torch.manual_seed(0)
+    r = APTPRouter(layout_of(width_units(transformer_blocks(pipe.unet))), num_codes=3, text_dim=32, hidden=8,
+                   tokens=[256, 64, 256, 256], context=16)
+    with torch.no_grad():  # code k = the (clear-cut) gates of text k: the negative prompt on 0, the prompt on 1
+        for head in r.heads:
+            head.weight.mul_(40)
+        r.codes.copy_(torch.where(r(ctx) + r.config["offset"] > 0, 3.0, -5.0))
+        r.codes[:, depth_gates(r)] = 3.0
+    r.save(str(tmp_path / "r"))
+    load_router.cache_clear()
+    aptp = tp.build_pruner("aptp", checkpoint=str(tmp_path / "r"))
+    neg, mine = aptp.route(ctx[:2]).tolist()
+    assert (neg, mine) == (0, 1), "the test router's anchors"
+    shares = aptp.code_shares()
+    wider = mine if shares[mine] >= shares[neg] else neg
+    assert shares[0] != shares[1]
+
+    def sample(pruner, seed=0):
+        calls = []
+        with tp.pruning(pipe, pruner) as h:
+            hook = pipe.unet.register_forward_hook(lambda *a: calls.append(h.stats.codes))
+            images = pipe([prompt], negative_prompt=[negative], guidance_scale=5.0, num_inference_steps=2,
+                          height=16, width=16, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+            hook.remove()
+        return images, calls
+
+    routed, calls = sample(aptp)
+    assert calls and all(c == [wider, wider] for c in calls), calls  # [negative row, prompt row] of every step
+    forced, _ = sample(APTP(checkpoint=str(tmp_path / "r"), code=wider))
+    assert torch.equal(routed, forced)
+    x, t, _ = inputs(2)
+    ctx = ctx[:2]
+    assert aptp.route(ctx, sample=torch.cat([x[:1], x[:1]])).tolist() == [wider, wider]
+    assert aptp.route(ctx, sample=x).tolist() == [neg, mine]  # not a guidance pair: each row its own code
+
+
+def test_from_shares_builds_experts_of_the_given_sizes(unet, tmp_path):
+    layout = layout_of(width_units(transformer_blocks(unet)))
+    r = APTPRouter.from_shares(layout, [1.0, 0.5, 0.25], text_dim=32, tokens=[256, 64, 256, 256], context=7)
+    shares = [r.kept_share(k) for k in range(3)]
+    assert shares[0] == pytest.approx(1.0) and 0.4 < shares[1] < 0.6 and 0.15 < shares[2] < 0.35
+    r.save(str(tmp_path / "r"))
+    load_router.cache_clear()
+    x, t, ctx = inputs(2)
+    dense = run(unet, x, t, ctx)
+    for k in range(3):
+        with tp.pruning(unet, tp.build_pruner("aptp", checkpoint=str(tmp_path / "r"), code=k)) as h:
+            out = run(unet, x, t, ctx)
+        assert h.stats.flops_ratio == pytest.approx(shares[k], rel=1e-3)
+        assert torch.equal(out, dense) == (k == 0)
+    with pytest.raises(ValueError):
+        APTPRouter.from_shares(layout, [0.0], text_dim=32)
+
+
+def test_an_old_router_version_raises(unet, tmp_path):
+    import json
+
+    make_router(unet).save(str(tmp_path / "old"))
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    (tmp_path / "old" / "config.json").write_text(json.dumps({**cfg, "version": 1}))
+    load_router.cache_clear()
+    with pytest.raises(tp.TokenPruneError, match="version 2"):
+        tp.build_pruner("aptp", checkpoint=str(tmp_path / "old"))

@@ -3,23 +3,31 @@
     /work/notes/heavy .venv/bin/python evals/train/train_aptp.py --threads 1
 
 Frozen: the MiniLM text encoder and the dense tiny-t2i U-Net (the teacher). Trained: the
-hypernetwork (Bi-GRU over the prompt's token states -> one logit per width gate) and ``K``
-architecture codes (gate logits). The student is the same U-Net with each row's gates applied
-as multipliers on its attention heads (inputs of ``to_out``) and feed-forward channels (input
-of the output projection), 0 / 1 forward with the soft gate's gradient (straight-through), so
-the trained forward is exactly what the sliced expert computes. Each step:
+hypernetwork (Bi-GRU over the prompt's token states -> one logit per gate) and ``K``
+architecture codes (gate logits). Gates: per transformer block its heads and feed-forward
+channel groups (width) and the block itself (depth). The student is the same U-Net with each
+row's gates applied as multipliers on its attention heads (inputs of ``to_out``), feed-forward
+channels (input of the output projection) and on the outputs of attn1 / attn2 / ff (depth),
+0 / 1 forward with the soft gate's gradient (straight-through), so the trained forward is
+exactly what the sliced expert computes. Each step:
 
 1. a batch of training images with captions (color + shape, plus size / position words where
-   the testbed labels them, see ``--kinds``); the prompts' architecture vectors are assigned to
-   codes by Sinkhorn optimal transport (balanced: each code gets about B / K prompts; eps 0.05,
-   3 iterations) over the cosine of MAC-weighted gate probabilities;
-2. each prompt's row and its unconditional row (the empty prompt, as classifier-free guidance
-   runs it at inference on the same expert) go through the student with the assigned code's
-   Gumbel-sigmoid gates (temperature 0.4, offset 2);
-3. loss = denoising (v-prediction, tiny-t2i's weights) + distillation to the dense U-Net's
+   the testbed labels them, see ``--kinds``);
+2. for the first ``--pretrain-steps`` each prompt runs on its own architecture vector (the
+   reference's hypernetwork pre-training, where prompts learn different sizes); then the codes
+   are initialised from those vectors (captions sorted by kept share, cut into K groups) and
+   each prompt runs on the code Sinkhorn optimal transport assigns it (balanced: each code gets
+   about B / K prompts; eps 0.05, 3 iterations) over the cosine of MAC-weighted gate
+   probabilities;
+3. each prompt's row and its unconditional row (the empty prompt, as classifier-free guidance
+   runs it at inference on the same expert) go through the student with Gumbel-sigmoid gates
+   (temperature 0.4, offset 2);
+4. loss = denoising (v-prediction, tiny-t2i's weights) + distillation to the dense U-Net's
    output + resource ``|log(r / p)|`` (r: the batch's mean kept share of the transformer
-   blocks' MACs, p: ``--budget``) + contrastive (each prompt's architecture vector against the
-   K codes, its OT code as the positive).
+   blocks' MACs, p: ``--budget``; on the batch mean as the reference applies it) + the
+   reference's std and max terms (``-std`` and ``1 - max`` of the batch's noise-free shares:
+   without them nothing lets the sizes differ, and the codes end up one size) + contrastive
+   (each prompt's architecture vector against the K codes, its OT code as the positive).
 
 The U-Net's weights are not fine-tuned (the reference fine-tunes the pruned U-Net jointly;
 on this CPU the experts stay exact slices of the shipped dense weights, so the checkpoint holds
@@ -80,7 +88,9 @@ def prompt_kind(t2i, prompt):
 
 class Gates:
     """Per-row gates on a U-Net's heads and feed-forward channels, as input multipliers of the
-    output projections (what slicing those units away computes when a gate is 0)."""
+    output projections (what slicing those units away computes when a gate is 0), and per-row
+    depth gates on each block's attn1 / attn2 / ff outputs (0: the part adds nothing, as the
+    adapter's removed part)."""
 
     def __init__(self, unet, router):
         from tokenprune.adapters.unet import transformer_blocks
@@ -91,18 +101,28 @@ class Gates:
         start = 0
         for block, layout in zip(transformer_blocks(unet), router.config["layout"]):
             h, hd, groups = layout["heads"], layout["head_dim"], layout["channels"] // g
-            heads, chans = slice(start, start + h), slice(start + h, start + h + groups)
-            start += h + groups
+            heads, chans, depth = (slice(start, start + h), slice(start + h, start + h + groups),
+                                   slice(start + h + groups, start + h + groups + 1))
+            start += h + groups + 1
             for attn in (block.attn1, block.attn2):
                 if attn is not None:
                     self.hooks.append(attn.to_out[0].register_forward_pre_hook(self._scale(heads, hd)))
+                    self.hooks.append(attn.register_forward_hook(self._depth(depth)))
             self.hooks.append(block.ff.net[2].register_forward_pre_hook(self._scale(chans, g)))
+            self.hooks.append(block.ff.register_forward_hook(self._depth(depth)))
 
     def _scale(self, part, repeat):
         def hook(module, args):
             x = args[0]
             gate = self.value[:, part].repeat_interleave(repeat, dim=1)  # (B, units * repeat)
             return (x * gate.view(gate.shape[0], *([1] * (x.dim() - 2)), -1).to(x.dtype),)
+
+        return hook
+
+    def _depth(self, part):
+        def hook(module, args, out):
+            gate = self.value[:, part]  # (B, 1)
+            return out * gate.view(gate.shape[0], *([1] * (out.dim() - 1))).to(out.dtype)
 
         return hook
 
@@ -130,6 +150,20 @@ def block_tokens(unet, size: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- training
+
+@torch.no_grad()
+def init_codes(router, emb, mask, log):
+    """After the hypernetwork's pre-training: the training captions sorted by the MAC share of
+    their own (noise-free) gates, cut into K equal groups; code k = the mean gate logits of
+    group k (code 0 the widest), so the codes start as different sizes the prompts asked for."""
+    logits = router(emb, mask)
+    share = router.share(router.gates(logits, noise=False))
+    order = share.argsort(descending=True)
+    for k, rows in enumerate(order.tensor_split(router.num_codes)):
+        router.codes[k] = logits[rows].mean(0)
+    log(f"hypernetwork pre-trained: caption shares {share.min():.3f}..{share.max():.3f} (mean {share.mean():.3f}); "
+        f"codes start at {[round(router.kept_share(k), 3) for k in range(router.num_codes)]}")
+
 
 def train(args, t2i, pipe, log):
     from diffusers import DDPMScheduler
@@ -167,7 +201,6 @@ def train(args, t2i, pipe, log):
     with torch.no_grad():
         router.null.copy_(router.pooled(emb[null:], mask[null:])[0])
     gates = Gates(student, router)
-    macs = router.macs / router.macs.sum()
     opt = torch.optim.Adam([{"params": [router.codes], "lr": args.code_lr},
                             {"params": [p for n, p in router.named_parameters() if n != "codes"], "lr": args.lr}])
     perm, pos = torch.randperm(len(x), generator=g), 0
@@ -175,6 +208,8 @@ def train(args, t2i, pipe, log):
     t0 = time.time()
     bar = tqdm(range(args.steps), desc="aptp", unit="step", mininterval=10)
     for step in bar:
+        if step == args.pretrain_steps:
+            init_codes(router, emb[:null], mask[:null], log)
         if pos + args.batch > len(x):
             perm, pos = torch.randperm(len(x), generator=g), 0
         idx = perm[pos: pos + args.batch]
@@ -182,11 +217,19 @@ def train(args, t2i, pipe, log):
         B = len(idx)
         ctx, m = emb[cap_idx[idx]], mask[cap_idx[idx]]
         logits = router(ctx, m)
-        sim = router.similarity(logits)
-        with torch.no_grad():
-            assign = sinkhorn(sim, args.sinkhorn_eps, args.sinkhorn_iters).argmax(1)
-        gate = router.gates(router.codes[assign], generator=g)  # (B, D) 0/1 forward, soft gradient
-        share = gate @ macs  # (B,) kept share of the transformer blocks' MACs
+        if step < args.pretrain_steps:  # the hypernetwork's own gates per prompt (no codes yet)
+            used = logits
+            contrast = torch.zeros(())
+            assign = torch.zeros(B, dtype=torch.long)
+        else:
+            sim = router.similarity(logits)
+            with torch.no_grad():
+                assign = sinkhorn(sim, args.sinkhorn_eps, args.sinkhorn_iters).argmax(1)
+            used = router.codes[assign]
+            contrast = torch.nn.functional.cross_entropy(sim / args.contrast_temp, assign)
+        gate = router.gates(used, generator=g)  # (B, D) 0/1 forward, soft gradient
+        share = router.share(gate)  # (B,) kept share of the transformer blocks' MACs
+        clean = router.share(router.gates(used, noise=False, hard=False))  # the same without the Gumbel noise
         x0 = x[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=g)
@@ -202,24 +245,32 @@ def train(args, t2i, pipe, log):
         denoise = (weight[t] * (pred[:B] - v).pow(2).mean((1, 2, 3))).mean()
         distill = (pred - target).pow(2).mean()
         r = share.mean()
-        resource = (r / args.budget).log().abs()
-        contrast = torch.nn.functional.cross_entropy(sim / args.contrast_temp, assign)
-        loss = args.w_denoise * denoise + args.w_distill * distill + args.w_resource * resource + args.w_contrast * contrast
+        resource = (r / args.budget).log().abs()  # on the batch mean, as the reference
+        # the reference's std and max losses, on the noise-free shares (the noise would make them
+        # push random draws apart instead of prompts): sizes may differ, some prompt keeps much
+        spread = -clean.std() if B > 1 else torch.zeros(())
+        widest = 1 - clean.max()
+        loss = (args.w_denoise * denoise + args.w_distill * distill + args.w_resource * resource
+                + args.w_std * spread + args.w_max * widest + args.w_contrast * contrast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         hist.append(dict(loss=loss.item(), denoise=denoise.item(), distill=distill.item(), r=r.item(),
-                         contrast=contrast.item(), codes=torch.bincount(assign, minlength=args.codes).tolist()))
+                         std=clean.std().item() if B > 1 else 0.0, contrast=contrast.item(),
+                         codes=torch.bincount(assign, minlength=args.codes).tolist()))
         if step % 10 == 0:
             last = hist[-20:]
             bar.set_postfix(distill=f"{sum(h['distill'] for h in last) / len(last):.4f}",
                             r=f"{sum(h['r'] for h in last) / len(last):.3f}",
+                            std=f"{sum(h['std'] for h in last) / len(last):.3f}",
                             contrast=f"{sum(h['contrast'] for h in last) / len(last):.2f}", refresh=False)
+        if step >= args.pretrain_steps and (step - args.pretrain_steps) % 100 == 99:
+            log(f"step {step + 1}: codes keep {[round(router.kept_share(k), 3) for k in range(args.codes)]}")
     bar.close()
     gates.remove()
     seconds = time.time() - t0
     tail = hist[-50:]
-    summary = {k: round(sum(h[k] for h in tail) / len(tail), 5) for k in ("loss", "denoise", "distill", "r", "contrast")}
+    summary = {k: round(sum(h[k] for h in tail) / len(tail), 5) for k in ("loss", "denoise", "distill", "r", "std", "contrast")}
     log(f"trained {args.steps} steps in {seconds / 60:.1f} min; last 50 steps: {summary}")
     return router.eval(), dict(seconds=round(seconds, 1), last50=summary, captions=dict(Counter(kinds)))
 
@@ -242,7 +293,7 @@ def faithful(t2i, images, prompts, judge) -> torch.Tensor:
 def evaluate(args, t2i, pipe, judge, folder, log):
     """Routing of every prompt, MACs per code, dense vs APTP quality through tp.pruning."""
     import tokenprune as tp
-    from tokenprune.adapters.unet import slice_unet, transformer_blocks, width_units
+    from tokenprune.adapters.unet import transformer_blocks, width_units
     from tokenprune.evals.metrics import flop_counter
 
     aptp = tp.APTP(checkpoint=folder)
@@ -257,22 +308,27 @@ def evaluate(args, t2i, pipe, judge, folder, log):
     x = torch.zeros(1, unet.config.in_channels, t2i.IMAGE_SIZE, t2i.IMAGE_SIZE)
     c1, _ = t2i.encode_text(pipe.text_encoder, pipe.tokenizer, ["a red circle"])
 
-    def flops(model):
+    def flops(pruner=None):  # one image through the U-Net, with code k's expert swapped in when given
         with torch.no_grad(), flop_counter() as fc:
-            model(x, 10, encoder_hidden_states=c1)
+            if pruner is None:
+                unet(x, 10, encoder_hidden_states=c1)
+            else:
+                with tp.pruning(unet, pruner):
+                    unet(x, 10, encoder_hidden_states=c1)
         return fc
 
     names = {f"{type(unet).__name__}.{n}" for n, m in unet.named_modules() if m in transformer_blocks(unet)}
-    fc = flops(unet)
+    fc = flops()
     dense = fc.get_total_flops()
     in_blocks = sum(sum(v.values()) for k, v in fc.get_flop_counts().items() if k in names)
     per_code = []
     for k, e in enumerate(experts):
-        f = flops(slice_unet(unet, e["heads"], e["channels"])).get_total_flops()
+        f = flops(tp.APTP(checkpoint=folder, code=k)).get_total_flops()
         per_code.append(dict(code=k, unet_flops=f, unet_ratio=round(f / dense, 4),
                              transformer_share=round(aptp.code_shares()[k], 4),
                              heads=[int(h.sum()) for h in e["heads"].values()],
                              channels=[int(ch.sum()) for ch in e["channels"].values()],
+                             dropped_blocks=aptp.router.dropped_blocks(k),
                              prompts=sum(1 for v in codes if v == k)))
     log(f"dense U-Net {dense / 1e6:.1f} MFLOPs per image; codes: {per_code}")
 
@@ -304,6 +360,20 @@ def evaluate(args, t2i, pipe, judge, folder, log):
 
 # --------------------------------------------------------------------------- card
 
+def kind_table(t2i, routing, shares):
+    """Rows: prompt kind; columns: prompts per code and the kind's mean kept transformer MACs."""
+    kinds = {}
+    for p, k in routing.items():
+        kinds.setdefault(prompt_kind(t2i, p), Counter())[k] += 1
+    lines = ["| prompt kind | prompts | " + " | ".join(f"code {k} ({s:.3f})" for k, s in enumerate(shares))
+             + " | mean transformer MACs kept |", "|---|---|" + "---|" * (len(shares) + 1)]
+    for kind, cnt in kinds.items():
+        n = sum(cnt.values())
+        mean = sum(shares[k] * c for k, c in cnt.items()) / n
+        lines.append(f"| {kind} | {n} | " + " | ".join(str(cnt.get(k, 0)) for k in range(len(shares))) + f" | {mean:.3f} |")
+    return "\n".join(lines)
+
+
 def routing_table(t2i, routing, num_codes):
     """Rows: prompt kind x shape (and size / side where the kind has them); columns: codes."""
     groups = {}
@@ -329,7 +399,7 @@ def write_card(folder, info, t2i):
     ev = info["eval"]
     code_rows = "\n".join(
         f"| {c['code']} | {c['transformer_share']:.3f} | {c['unet_ratio']:.3f} | {c['unet_flops'] / 1e6:.1f} | "
-        f"{c['heads']} | {c['channels']} | {c['prompts']} | "
+        f"{c['heads']} | {c['channels']} | {c.get('dropped_blocks') or '-'} | {c['prompts']} | "
         f"{ev['quality']['dense']['by_code'].get(c['code'], float('nan')):.3f} | "
         f"{ev['quality']['aptp']['by_code'].get(c['code'], float('nan')):.3f} |"
         for c in ev["per_code"])
@@ -343,25 +413,32 @@ def write_card(folder, info, t2i):
 Adaptive prompt-tailored pruning (Ganjdanesh et al., 2024) of the `tiny-t2i` U-Net: a router
 reads a prompt's frozen MiniLM token states and sends it to one of {a.codes} architecture codes;
 each code keeps some attention heads and feed-forward channels of the U-Net's 7 transformer
-blocks and becomes a really smaller copy of those layers when attached. Loaded by
+blocks (width gates) and may drop whole blocks (depth gates), and becomes a really smaller copy
+of those layers when attached. Loaded by
 `tp.build_pruner("aptp")` (checkpoint `"tiny-t2i"`, the default); code in
 `tokenprune/methods/aptp.py` and `aptp_router.py`.
 
 Files: `aptp.safetensors` (hypernetwork: Bi-GRU 384 -> 2x{a.hidden}, LayerNorm, one linear head per
-width group; the {a.codes} x {info['num_gates']} code logits; MACs per gate; the empty prompt's pooled
-state), `config.json` (U-Net layout it fits, gate groups, training settings), this card.
+gate group; the {a.codes} x {info['num_gates']} code logits: per block its heads, feed-forward channel groups
+and one depth gate; MACs per gate; the empty prompt's pooled state), `config.json` (router version 2,
+U-Net layout it fits, gate groups, training settings), this card.
 
 ## Training
 
     {info['command']}
 
 Seed {a.seed}. {a.steps} steps x {a.batch} prompts (each with its unconditional row: {2 * a.batch}
-U-Net rows), frozen teacher = the dense U-Net, gates of channel groups of {a.channel_group}
-and single heads, Gumbel-sigmoid temperature 0.4 / offset 2, straight-through 0/1 gates,
-Sinkhorn eps {a.sinkhorn_eps} / {a.sinkhorn_iters} iterations, Adam (codes lr {a.code_lr}, hypernetwork lr
-{a.lr}). Loss = {a.w_denoise} x denoising + {a.w_distill} x distillation + {a.w_resource} x |log(r / p)| +
-{a.w_contrast} x contrastive (temperature {a.contrast_temp}), budget **p = {a.budget}** of the transformer
-blocks' MACs. Prompt kinds: {', '.join(a.kinds)} (captions drawn: {info['train']['captions']}).
+U-Net rows), frozen teacher = the dense U-Net, gates of channel groups of {a.channel_group},
+single heads and whole blocks (depth), Gumbel-sigmoid temperature 0.4 / offset 2, straight-through
+0/1 gates. The first {a.pretrain_steps} steps train the hypernetwork's own gates per prompt (the
+reference's hypernetwork pre-training); then the codes start as the mean gate logits of the
+training captions cut into {a.codes} groups by the MAC share their own gates keep (code 0 the widest),
+and each prompt runs on the code Sinkhorn assigns it (eps {a.sinkhorn_eps} / {a.sinkhorn_iters} iterations).
+Adam (codes lr {a.code_lr}, hypernetwork lr {a.lr}). Loss = {a.w_denoise} x denoising + {a.w_distill} x
+distillation + {a.w_resource} x |log(r / p)| on the batch's mean kept share r (as the reference) +
+{a.w_std} x (-std) + {a.w_max} x (1 - max) of the batch's noise-free shares (the reference's std and max
+losses, which let sizes differ) + {a.w_contrast} x contrastive (temperature {a.contrast_temp}), budget
+**p = {a.budget}** of the transformer blocks' MACs. Prompt kinds: {', '.join(a.kinds)} (captions drawn: {info['train']['captions']}).
 The U-Net's weights are not fine-tuned: each expert is an exact slice of the dense weights
 (trained against `tiny-t2i/unet/diffusion_pytorch_model.safetensors` with sha256 `{info['unet_sha256']}...`).
 Training {info['train']['seconds'] / 60:.1f} min, whole run {info['total_minutes']:.1f} min on {info['machine']}.
@@ -371,17 +448,23 @@ Last 50 steps: {info['train']['last50']}.
 
 The dense U-Net costs {ev['dense_unet_flops'] / 1e6:.1f} MFLOPs per image (32x32, `flop_counter`); its 7
 transformer blocks are {ev['blocks_share']:.1%} of that, the rest is convolutions (not pruned).
-Per code: the kept share of the transformer blocks' MACs, the whole sliced U-Net's FLOPs
-(`slice_unet` + `flop_counter`, one image), heads / feed-forward channels kept per block
+Per code: the kept share of the transformer blocks' MACs, the whole U-Net's FLOPs with the
+code's expert (`flop_counter`, one image), heads / feed-forward channels kept per block
 (of 4 heads; 128 or 256 channels; blocks in module order: down 16x16, down 8x8, mid 8x8, up 8x8
-twice, up 16x16 twice), how many of the {len(ev['routing'])} prompts of the listed
+twice, up 16x16 twice), the blocks it drops whole, how many of the {len(ev['routing'])} prompts of the listed
 kinds it gets, and faithfulness of dense and APTP images on the evaluation prompts routed to it.
 
-| code | transformer MACs kept | U-Net FLOPs ratio | MFLOPs | heads per block | ff channels per block | prompts | dense faithful | APTP faithful |
-|---|---|---|---|---|---|---|---|---|
+| code | transformer MACs kept | U-Net FLOPs ratio | MFLOPs | heads per block | ff channels per block | dropped blocks | prompts | dense faithful | APTP faithful |
+|---|---|---|---|---|---|---|---|---|---|
 {code_rows}
 
 ## What the router learned (every prompt of the kinds above -> code)
+
+Per prompt kind (code columns: the code's kept share of the transformer MACs):
+
+{kind_table(t2i, ev['routing'], [c['transformer_share'] for c in ev['per_code']])}
+
+Per kind and shape:
 
 {routing_table(t2i, ev['routing'], a.codes)}
 
@@ -424,6 +507,10 @@ def main(argv=None):
     ap.add_argument("--w-distill", type=float, default=10.0)
     ap.add_argument("--w-resource", type=float, default=1.0)
     ap.add_argument("--w-contrast", type=float, default=0.1)
+    ap.add_argument("--w-std", type=float, default=0.3, help="weight of -std of the batch's MAC shares (reference: 0.1)")
+    ap.add_argument("--w-max", type=float, default=0.1, help="weight of 1 - max of the batch's MAC shares (reference)")
+    ap.add_argument("--pretrain-steps", type=int, default=150,
+                    help="first steps train the hypernetwork's own gates per prompt, before the codes exist")
     ap.add_argument("--contrast-temp", type=float, default=0.1)
     ap.add_argument("--sinkhorn-eps", type=float, default=0.05)
     ap.add_argument("--sinkhorn-iters", type=int, default=3)

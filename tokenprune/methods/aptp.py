@@ -11,8 +11,10 @@ the U-Net adapter slices every code once into smaller copies of the transformer 
 for a whole U-Net). Each U-Net call groups its rows by code; every block part runs each group
 through that code's copy and puts the rows back in order (the convolutions, which APTP does
 not prune, run once on the whole batch). The unconditional rows of classifier-free guidance
-take the code of their prompt (the prompted row with the same noisy input), so guidance
-subtracts two outputs of one expert. ``handle.stats.codes`` lists the code of every row.
+take the code of their prompt (the prompted row with the same noisy input; with a negative
+prompt, the wider of the two rows' codes: see ``APTP.route``), so guidance subtracts two outputs
+of one expert. A code whose depth gate drops a block has that block's attn1 / attn2 / ff
+removed in its expert. ``handle.stats.codes`` lists the code of every row.
 
 ``checkpoint``: a shipped testbed name (``"tiny-t2i"``), or a path to a trained router (a
 folder holding ``aptp.safetensors`` + ``config.json``, or that file). The router is trained
@@ -77,6 +79,7 @@ def load_router(folder: str) -> APTPRouter:
     try:
         router = APTPRouter(**{k: config[k] for k in keys})
         router.load_state_dict(tensors)
+        router.trained = bool(config.get("trained", True))
     except (KeyError, ValueError, RuntimeError) as e:
         raise TokenPruneError(f"aptp: {folder} does not hold a valid router: {e}") from None
     return router.eval().requires_grad_(False)
@@ -133,8 +136,13 @@ class APTP(Pruner):
               sample: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) code of each row of a U-Net call from its text states ``context`` (B, L, D).
 
-        An unconditional row (the empty prompt's states) takes the code of a prompted row with a
-        bit-identical ``sample`` (its classifier-free-guidance partner), else its own.
+        Classifier-free guidance pairs: when the two halves of the call's noisy ``sample`` are
+        bit-identical (diffusers and tiny-t2i run ``cat([x, x])``), row i and row i + B/2 are
+        one image's two guidance rows and must run on one expert, or guidance would subtract two
+        different models' outputs. The pair takes the prompted row's code when the other row is
+        the unconditional (empty) prompt, else (a negative prompt: the call cannot tell which
+        row is the prompt) the wider of the two rows' codes, so a prompt never runs narrower
+        than its own code.
         """
         B = context.shape[0]
         if self.code is not None:
@@ -146,15 +154,18 @@ class APTP(Pruner):
         context = context.detach().float().cpu()  # the router is small: it runs on the CPU
         mask = mask.detach().cpu() if mask is not None and mask.dim() == 2 else None  # not an additive bias
         codes = self.router.nearest(self.router(context, mask))
+        h = B // 2
+        if sample is None or B % 2 or not torch.equal(sample[:h], sample[h:]):
+            return codes
         null = self.router.is_null(context, mask)
-        if bool(null.any()) and sample is not None and not bool(null.all()):
-            _, group = torch.unique(sample.reshape(B, -1).cpu(), dim=0, return_inverse=True)
-            for i in null.nonzero().flatten().tolist():
-                partner = ((group == group[i]) & ~null).nonzero().flatten()
-                if len(partner):
-                    codes[i] = codes[partner[0]]
-        return codes
+        a, b = codes[:h], codes[h:]
+        shares = torch.tensor(self.code_shares())
+        wider = torch.where(shares[a] >= shares[b], a, b)
+        pair = torch.where(null[h:] & ~null[:h], a, torch.where(null[:h] & ~null[h:], b, wider))
+        return torch.cat([pair, pair])
 
     def code_shares(self) -> list[float]:
         """Per code, the share of the transformer blocks' prunable MACs it keeps (trained resolution)."""
-        return [self.router.kept_share(k) for k in range(self.router.num_codes)]
+        if not hasattr(self, "_shares"):
+            self._shares = [self.router.kept_share(k) for k in range(self.router.num_codes)]
+        return self._shares

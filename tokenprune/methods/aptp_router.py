@@ -1,10 +1,13 @@
 """The learned half of APTP (Ganjdanesh et al., 2024): prompt -> architecture code.
 
 A hypernetwork reads the frozen text encoder's token states of a prompt (a bidirectional GRU
-over the tokens, summed, LayerNorm, ReLU, one linear head per width group) and answers an
-*architecture vector*: one logit per gate. The gates are the width groups of each U-Net
-transformer block: its attention heads (one gate per head, shared by self- and cross-attention)
-and its feed-forward channels (one gate per ``channel_group`` hidden channels).
+over the tokens, summed, LayerNorm, ReLU, one linear head per gate group) and answers an
+*architecture vector*: one logit per gate. Per U-Net transformer block there are width gates,
+its attention heads (one gate per head, shared by self- and cross-attention) and its
+feed-forward channels (one gate per ``channel_group`` hidden channels), and one depth gate that
+drops the whole block (attn1, attn2 and ff add nothing; the reference's depth gates skip whole
+layers the same way). A unit costs MACs only when its width gate and its block's depth gate
+are both on.
 
 A codebook of ``K`` architecture codes (orthogonal init) holds the only widths that are ever
 built: a prompt runs on the code nearest to its architecture vector (cosine of the gate
@@ -28,28 +31,29 @@ from torch import nn
 
 FILE = "aptp.safetensors"
 CONFIG = "config.json"
-VERSION = 1
+VERSION = 2  # 2: a depth gate per transformer block
 
 
 def group_sizes(layout: list[dict], channel_group: int) -> list[int]:
-    """Gates per width group, in order: block 0 heads, block 0 channel groups, block 1 heads, ..."""
+    """Gates per group, in order: block 0 heads, block 0 channel groups, block 0 depth (1), block 1 heads, ..."""
     sizes = []
     for block in layout:
-        sizes += [block["heads"], block["channels"] // channel_group]
+        sizes += [block["heads"], block["channels"] // channel_group, 1]
     return sizes
 
 
 def gate_macs(layout: list[dict], channel_group: int, tokens: list[int], context: int) -> torch.Tensor:
     """MACs per gate for one image: a head's share of attn1 + attn2 at the block's ``tokens``
     (projections and attention) and a channel group's share of the feed-forward (GEGLU: two
-    input projections and one output)."""
+    input projections and one output). A depth gate costs nothing itself (0): it switches its
+    block's units off (see ``APTPRouter.effective``)."""
     out = []
     for block, n in zip(layout, tokens):
         dim, hd = block["dim"], block["head_dim"]
         head = (4 * n * dim * hd + 2 * n * n * hd  # self-attention: q, k, v, out; scores and values
                 + 2 * n * dim * hd + 2 * context * block["context_dim"] * hd + 2 * n * context * hd)  # cross
         ff = channel_group * n * 3 * dim
-        out += [head] * block["heads"] + [ff] * (block["channels"] // channel_group)
+        out += [head] * block["heads"] + [ff] * (block["channels"] // channel_group) + [0]
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -98,6 +102,7 @@ class APTPRouter(nn.Module):
         self.codes = nn.Parameter(codes)
         self.register_buffer("macs", gate_macs(layout, channel_group, self.config["tokens"], context).float())
         self.register_buffer("null", torch.zeros(text_dim))  # pooled unconditional text state (0: unknown)
+        self.trained = True  # False for ``from_shares`` routers (saved in config.json)
 
     @property
     def num_codes(self) -> int:
@@ -133,21 +138,38 @@ class APTPRouter(nn.Module):
               generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, D) gates of gate logits; ``hard``: 0 / 1 forward with the soft gradient
         (straight-through), and a width group never loses all its units (its strongest stays, as
-        the reference's non-zero width), so training runs exactly what the sliced experts compute."""
+        the reference's non-zero width: only a depth gate removes a whole block), so training
+        runs exactly what the sliced experts compute."""
         soft = gumbel_sigmoid(logits, self.config["temperature"], self.config["offset"], noise, generator)
         if not hard:
             return soft
         on = soft.detach() > 0.5
-        for part, value in zip(on.split(self.sizes, dim=-1), soft.detach().split(self.sizes, dim=-1)):
+        for j, (part, value) in enumerate(zip(on.split(self.sizes, dim=-1), soft.detach().split(self.sizes, dim=-1))):
+            if j % 3 == 2:  # a depth gate may be off
+                continue
             rows = (~part.any(-1)).nonzero().flatten()
             part[rows, value[rows].argmax(-1)] = True  # a view of ``on``
         return on.to(soft.dtype) + soft - soft.detach()
 
+    def effective(self, gates: torch.Tensor) -> torch.Tensor:
+        """(B, D) gates with every width gate multiplied by its block's depth gate (a unit runs
+        only when both are on); depth entries stay as they are."""
+        parts = self.split(gates)
+        out = []
+        for i in range(0, len(parts), 3):
+            heads, channels, depth = parts[i: i + 3]
+            out += [heads * depth, channels * depth, depth]
+        return torch.cat(out, dim=-1)
+
+    def share(self, gates: torch.Tensor) -> torch.Tensor:
+        """(B,) kept share of the transformer blocks' prunable MACs under ``gates``."""
+        return self.effective(gates) @ self.macs / self.macs.sum()
+
     def similarity(self, logits: torch.Tensor, code_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, K) cosine of MAC-weighted gate probabilities (no noise) of rows vs codes."""
-        w = (self.macs / self.macs.mean()).sqrt()
-        a = self.gates(logits, noise=False, hard=False) * w
-        c = self.gates(self.codes if code_logits is None else code_logits, noise=False, hard=False) * w
+        """(B, K) cosine of MAC-weighted effective gate probabilities (no noise) of rows vs codes."""
+        w = (self.macs / self.macs.mean()).sqrt()  # depth entries weigh 0: they act through their units
+        a = self.effective(self.gates(logits, noise=False, hard=False)) * w
+        c = self.effective(self.gates(self.codes if code_logits is None else code_logits, noise=False, hard=False)) * w
         return nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(c, dim=-1).t()
 
     def nearest(self, logits: torch.Tensor) -> torch.Tensor:
@@ -158,21 +180,44 @@ class APTPRouter(nn.Module):
         return list(vector.split(self.sizes, dim=-1))
 
     def code_masks(self, k: int) -> tuple[dict, dict]:
-        """Code ``k`` as slice_unet masks: ``heads[i]`` (bool per head), ``channels[i]`` (bool per
-        feed-forward channel): its noise-free hard gates."""
-        keep = self.split(self.gates(self.codes[k: k + 1].detach(), noise=False)[0] > 0.5)
+        """Code ``k`` as the adapter's expert masks: ``heads[i]`` (bool per head), ``channels[i]``
+        (bool per feed-forward channel): its noise-free hard gates; a block whose depth gate is
+        off keeps nothing (the U-Net adapter then removes its attn1, attn2 and ff)."""
+        keep = self.split(self.effective(self.gates(self.codes[k: k + 1].detach(), noise=False))[0] > 0.5)
         heads, channels = {}, {}
         for i in range(len(self.config["layout"])):
-            heads[i] = keep[2 * i].clone()
-            channels[i] = keep[2 * i + 1].repeat_interleave(self.config["channel_group"])
+            heads[i] = keep[3 * i].clone()
+            channels[i] = keep[3 * i + 1].repeat_interleave(self.config["channel_group"])
         return heads, channels
 
     def kept_share(self, k: int) -> float:
         """MAC share of code ``k``'s gates in the transformer blocks' prunable MACs (model card / stats)."""
-        heads, channels = self.code_masks(k)
-        g = self.config["channel_group"]
-        kept = torch.cat([torch.cat([heads[i].float(), channels[i][::g].float()]) for i in heads])
-        return float((kept * self.macs).sum() / self.macs.sum())
+        return float(self.share(self.gates(self.codes[k: k + 1].detach(), noise=False))[0])
+
+    def dropped_blocks(self, k: int) -> list[int]:
+        """Transformer blocks code ``k`` removes whole (depth gate off)."""
+        depth = self.split(self.gates(self.codes[k: k + 1].detach(), noise=False)[0])[2::3]
+        return [i for i, d in enumerate(depth) if float(d) < 0.5]
+
+    @classmethod
+    def from_shares(cls, layout: list[dict], shares: list[float], **kwargs) -> "APTPRouter":
+        """An UNTRAINED router (``trained=False`` in its saved config) whose code ``k`` keeps about
+        ``shares[k]`` of each block's heads and feed-forward channel groups (the first ones, at
+        least one; every block kept), for timing experts on any U-Net layout; its hypernetwork is
+        random, so route with ``code=k`` or read its codes, never quality. ``kwargs``: as
+        ``__init__`` (``text_dim``, ``tokens``, ``context``, ``channel_group``...)."""
+        if not shares or any(not 0.0 < float(s) <= 1.0 for s in shares):
+            raise ValueError(f"shares must be a non-empty list of numbers in (0, 1], got {shares}")
+        router = cls(layout, num_codes=len(shares), **kwargs)
+        with torch.no_grad():
+            for k, s in enumerate(shares):
+                parts = []
+                for j, size in enumerate(router.sizes):
+                    keep = size if j % 3 == 2 else max(1, round(float(s) * size))
+                    parts.append(torch.where(torch.arange(size) < keep, 8.0, -8.0))  # +-8 + offset 2: clear-cut
+                router.codes[k] = torch.cat(parts)
+        router.trained = False
+        return router
 
     # ---- files -----------------------------------------------------------------------------
     def save(self, folder: str, **meta) -> None:
@@ -182,4 +227,4 @@ class APTPRouter(nn.Module):
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, os.path.join(folder, FILE),
                   metadata={"method": "aptp", "version": str(VERSION)})
         with open(os.path.join(folder, CONFIG), "w") as f:
-            json.dump({"method": "aptp", "version": VERSION, **self.config, **meta}, f, indent=1)
+            json.dump({"method": "aptp", "version": VERSION, **self.config, "trained": self.trained, **meta}, f, indent=1)
