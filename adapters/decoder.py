@@ -463,7 +463,7 @@ class DecoderAdapter(HookedAdapter):
         call.layer_rope = kwargs.get("position_embeddings")  # HF's, before it is fitted to the slots
         st._attention = (lambda q: self._attention(call, q)) if call.stash is not None else None
         st._keys = (lambda: self._keys(call)) if call.stash is not None else None
-        st._mass = (lambda on, qs: self._attention(call, qs, on)) if call.stash is not None else None
+        st._mass = (lambda on, qs, heads=None: self._attention(call, qs, on, heads)) if call.stash is not None else None
         version, merges = stream.version, len(stream.redirects)
         pruners = self.at.get(i, ())
         for k, pruner in enumerate(pruners):
@@ -719,7 +719,7 @@ class DecoderAdapter(HookedAdapter):
         st.layer, st.hidden = i, hidden
         st._attention = (lambda qs: self._decode_attention(call, qs)) if call.dstash is not None else None
         st._context = (lambda qs: self._decode_context(call, qs)) if call.dstash is not None else None
-        st._mass = (lambda on, qs: self._decode_context(call, qs, on)) if call.dstash is not None else None
+        st._mass = (lambda on, qs, heads=None: self._decode_context(call, qs, on, heads)) if call.dstash is not None else None
         st._keys = None
         kept = None
         for pruner in routers:
@@ -733,7 +733,8 @@ class DecoderAdapter(HookedAdapter):
             kept = stream.reduce(i, reduction)
         return kept
 
-    def _decode_context(self, call: Call, query_slots: torch.Tensor | None, on: torch.Tensor | None = None):
+    def _decode_context(self, call: Call, query_slots: torch.Tensor | None, on: torch.Tensor | None = None,
+                        heads: tuple[int, ...] | None = None):
         """Decode step: attention ``(B, heads, q, K)`` of the previous layer from the new tokens in
         ``query_slots`` over the K keys its cache holds (this step's included), with their positions
         and validity ``(B, K)``. A new token that skipped that layer has a row (from its hidden
@@ -747,6 +748,9 @@ class DecoderAdapter(HookedAdapter):
             query_slots = torch.arange(n, device=dev).expand(B, n)
         x = layer.input_layernorm(gather_rows(hidden, query_slots))
         q = attn.q_proj(x).view(B, x.shape[1], -1, attn.head_dim)
+        all_heads = q.shape[2]
+        if heads is not None:
+            q = q[:, :, list(heads)]
         if hasattr(attn, "q_norm"):
             q = attn.q_norm(q)
         q = q.transpose(1, 2)
@@ -758,6 +762,8 @@ class DecoderAdapter(HookedAdapter):
         else:
             keys = cache.layers[li].keys
             K = keys.shape[2]
+            if heads is not None:  # the key heads these query heads read
+                keys = keys[:, [h // (all_heads // keys.shape[1]) for h in heads]]
         if li in req.key_index:
             kindex, kvalid = req.key_index[li], req.key_valid[li]
         else:
@@ -784,33 +790,43 @@ class DecoderAdapter(HookedAdapter):
         return out.scatter_(3, col, probs * own[:, None, None, :])[..., :n]
 
     # ---- attention scores -----------------------------------------------------------
-    def _attention(self, call: Call, query_slots: torch.Tensor | None, on: torch.Tensor | None = None) -> torch.Tensor:
+    def _attention(self, call: Call, query_slots: torch.Tensor | None, on: torch.Tensor | None = None,
+                   heads: tuple[int, ...] | None = None) -> torch.Tensor:
         """softmax(q k^T) of the previous layer for the query rows a method needs.
 
         Recomputed from that layer's own norm, projections and rotary embedding, so the model
-        keeps running SDPA and nothing N x N is materialised unless asked for.
+        keeps running SDPA and nothing N x N is materialised unless asked for. ``heads``: only
+        these query heads (and the key heads they read), sliced before rotary and attention.
         """
         li, hidden, (cos, sin), valid, ran, _ = call.stash
         layer = self.layers[li]
         attn = layer.self_attn
         B, n, D = hidden.shape
-        if query_slots is None:
+        every_row = query_slots is None
+        if every_row:
             query_slots = torch.arange(n, device=hidden.device).expand(B, n)
         hd = attn.head_dim
-        captured = self._captured(call)
+        captured = self._captured(call, heads)
         if captured is not None:
-            q = gather_rows(captured[0], query_slots).view(B, query_slots.shape[1], -1, hd)
+            q = captured[0].view(B, n, -1, hd)
+            q = q if every_row else gather_rows(q, query_slots)
             k = captured[1].view(B, n, -1, hd)
         else:
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(gather_rows(x, query_slots)).view(B, query_slots.shape[1], -1, hd)
+            q = attn.q_proj(x if every_row else gather_rows(x, query_slots)).view(B, query_slots.shape[1], -1, hd)
             k = attn.k_proj(x).view(B, n, -1, hd)
+        if heads is not None:
+            group = q.shape[2] // k.shape[2]  # grouped-query attention: query heads per key head
+            q, k = q[:, :, list(heads)], k[:, :, [h // group for h in heads]]
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = expand_rows(cos, B), expand_rows(sin, B)
-        q = self._rotate(q, q, gather_rows(cos, query_slots), gather_rows(sin, query_slots))[0]
-        k = self._rotate(k, k, cos, sin)[0]
+        if every_row:  # queries and keys at the same positions: one rotary call
+            q, k = self._rotate(q, k, cos, sin)
+        else:
+            q = self._rotate(q, q, gather_rows(cos, query_slots), gather_rows(sin, query_slots))[0]
+            k = self._rotate(k, k, cos, sin)[0]
         pos = torch.arange(n, device=hidden.device)
         # after a Skip at that layer only the tokens that ran it are keys (the others left none in
         # its cache); every token has a row, from its hidden state entering that layer
@@ -820,10 +836,12 @@ class DecoderAdapter(HookedAdapter):
             return attention_mass(q, k, attn.scaling, visible[:, None], (call.state.index[:, :, None] == on[:, None, :]).any(-1))
         return attention_probs(q, k, attn.scaling, visible[:, None])
 
-    def _captured(self, call: Call):
+    def _captured(self, call: Call, heads: tuple[int, ...] | None = None):
         """The previous layer's own q / k projections ``(B, n, .)`` of the current slots, when it
         ran on them (captured as it ran); after a Skip there, the q rows of the tokens that skipped
-        it are projected now (their keys stay zero: they are no keys), then kept for later calls."""
+        it are projected now (their keys stay zero: they are no keys), then kept for later calls.
+        ``heads``: a caller that reads only these query heads gets only their columns projected
+        for those rows (the others stay 0 and nothing is kept)."""
         li, hidden, _, _, _, cap = call.stash
         if not cap or "q" not in cap or "k" not in cap:
             return None
@@ -836,7 +854,16 @@ class DecoderAdapter(HookedAdapter):
             missing = torch.ones(B, n, dtype=torch.bool, device=hidden.device).scatter(1, slots, False)
             if bool(missing.any()):
                 layer = self.layers[li]
-                full_q[missing] = layer.self_attn.q_proj(layer.input_layernorm(hidden[missing]))
+                proj = layer.self_attn.q_proj
+                x = layer.input_layernorm(hidden[missing])
+                if heads is not None and type(proj) is nn.Linear:
+                    hd = layer.self_attn.head_dim
+                    cols = torch.cat([torch.arange(h * hd, (h + 1) * hd, device=x.device) for h in heads])
+                    rows = full_q[missing]
+                    rows[:, cols] = nn.functional.linear(x, proj.weight[cols], None if proj.bias is None else proj.bias[cols])
+                    full_q[missing] = rows
+                    return full_q, full_k
+                full_q[missing] = proj(x)
             cap.update(q=full_q, k=full_k, slots=None)
         return cap["q"], cap["k"]
 

@@ -213,6 +213,16 @@ def score_continuation(model, ids: torch.Tensor, context: int, handle=None):
     return float(nll), ids[:, context:].numel(), logits.argmax(-1), logits[:, -1]
 
 
+def scored_skips(stats, start: int, end: int) -> tuple[int, int]:
+    """(skipped, total) token-block computations of the tokens at positions ``start .. end - 1``
+    (the scored ones), from a prefill's ``handle.stats``: a token skipped block ``l`` when the record
+    of what entered ``l`` (``stats.kept``, kept where the token set changed) does not hold it."""
+    rows = len(stats.dense_tokens)
+    skipped = sum(sum(end - start - sum(1 for p in row if start <= p < end) for row in kept)
+                  for kept in stats.kept.values())
+    return skipped, rows * (end - start) * len(stats.tokens_per_layer)
+
+
 class PerplexityTask(Task):
     """Perplexity of ``scored`` held tokens after a ``context``-token context, which the pruner may reduce.
 
@@ -285,6 +295,7 @@ class PerplexityTask(Task):
 
     def evaluate(self, meter, handle=None):
         nll, count, preds, last = 0.0, 0, [], []
+        skipped, computations = 0, 0
         batches = self._batches()
         for ids in _bar(batches, self.progress, f"{self.name} ppl", len(batches)):
             with meter.call():
@@ -292,9 +303,15 @@ class PerplexityTask(Task):
             nll, count = nll + s, count + n
             preds.append(p.cpu())
             last.append(lg.cpu())
+            if handle is not None and handle.stats is not None:
+                a, b = scored_skips(handle.stats, self.context, ids.shape[1])
+                skipped, computations = skipped + a, computations + b
+        # the realised share of the scored tokens' token-block computations skipped (a routed
+        # method routes them as generated tokens): with the FLOPs, what makes rows comparable
         return EvalOutput(quality=math.exp(nll / count), predictions=torch.cat(preds).reshape(-1),
                           features=torch.cat(last), n_items=len(self.blocks),
-                          extra={"nll_per_token": nll / count, "scored_tokens": count})
+                          extra={"nll_per_token": nll / count, "scored_tokens": count,
+                                 "scored_skipped": skipped / computations if computations else 0.0})
 
     def probe(self, handle=None):
         ids = self._batches()[0]

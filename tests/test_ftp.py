@@ -18,11 +18,11 @@ SHIPPED = REPO / "tokenprune" / "zoo" / "weights" / "smollm2-135m" / "ftp"
 sys.path.insert(0, str(REPO / "evals" / "train"))
 
 
-def router_file(folder, num_layers=4, hidden_size=64, seed=0):
+def router_file(folder, num_layers=4, hidden_size=64, seed=0, heads=None):
     """A random router checkpoint for a model of this shape (its logits straddle 0, so both decisions occur)."""
     torch.manual_seed(seed)
     path = os.path.join(folder, "ftp.safetensors")
-    Router(8, num_layers=num_layers, hidden_size=hidden_size).save(path)
+    Router(8, num_layers=num_layers, hidden_size=hidden_size, heads=heads).save(path)
     return path
 
 
@@ -126,12 +126,15 @@ def test_first_token_never_skips_and_generated_tokens_route_like_a_recompute(tmp
     assert decoded.flops < decoded.dense_flops
 
 
-def test_training_hooks_route_as_the_library(tmp_path):
-    """Hard routing through train_ftp.py's hooks (what training optimises) equals the library's Skip."""
+@pytest.mark.parametrize("heads", [None, (1, 2)])
+def test_training_hooks_route_as_the_library(tmp_path, heads):
+    """Hard routing through train_ftp.py's hooks (what training optimises) equals the library's Skip,
+    with the sink share of every head or of a subset (heads 1 and 2 read different key heads)."""
     from train_ftp import SoftRouting
 
     model, ids = tiny_decoder("llama-sdpa"), prompt(40)
-    ftp = tp.build_pruner("ftp", sparsity=0.3, checkpoint=router_file(tmp_path))
+    ftp = tp.build_pruner("ftp", sparsity=0.3, checkpoint=router_file(tmp_path, heads=heads))
+    assert ftp.router.heads == heads
     with torch.no_grad():
         with tp.pruning(model, ftp):
             library = model(ids).logits
@@ -149,8 +152,8 @@ def test_training_script_smoke(tmp_path, smollm2):
     import train_ftp
 
     shipped = (SHIPPED / "ftp.safetensors").read_bytes()
-    train_ftp.main(["--steps", "2", "--length", "48", "--calib-blocks", "1", "--eval-limit", "0",
-                    "--out", str(tmp_path)], loaded=smollm2)
+    train_ftp.main(["--steps", "2", "--length", "48", "--threshold-blocks", "1", "--calib-blocks", "0",
+                    "--eval-limit", "0", "--out", str(tmp_path)], loaded=smollm2)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps_done"] == 2 and len(metrics["log"]) == 2
     assert set(metrics["split"]) == {"held", "train", "calibration"} and metrics["split"]["held"] > 0
@@ -158,3 +161,77 @@ def test_training_script_smoke(tmp_path, smollm2):
     p = tp.build_pruner("ftp", sparsity=0.3, checkpoint=str(tmp_path))
     assert p.router.num_layers == 30
     assert (SHIPPED / "ftp.safetensors").read_bytes() == shipped
+
+
+@pytest.mark.parametrize("family", ["llama-sdpa", "qwen3"])
+def test_attention_mass_of_some_heads_is_their_share_at_prefill_and_decode(family):
+    """``state.attention_mass(..., heads=)`` (what FTP's feature reads) equals those heads of the
+    all-head result, at prefill and at decode steps, with tokens skipping blocks (masked keys)."""
+    from dataclasses import dataclass
+
+    from .test_skip import HiddenRouter
+
+    seen = []
+
+    @dataclass
+    class Spy(HiddenRouter):
+        def select(self, state):
+            # (some heads first: after a Skip it projects only their q columns for the skippers)
+            some = state.attention_mass(state.row_offset, heads=(3, 0))  # GQA: key heads 1 and 0
+            every = state.attention_mass(state.row_offset)
+            assert some.shape[1] == 2 and torch.allclose(some, every[:, [3, 0]], atol=1e-6)
+            seen.append(state.decoding)
+            return super().select(state)
+
+    model = tiny_decoder(family)
+    with torch.no_grad(), tp.pruning(model, Spy()):
+        greedy(model, prompt(20, batch=2), n=3)
+    assert False in seen and True in seen
+
+
+def test_static_rule_skips_generated_tokens_by_its_calibrated_threshold(tmp_path):
+    """``static=True`` routes generated tokens by minus their sink share against the checkpoint's
+    static thresholds (none calibrated, or checkpoint=None: they never skip); the prompt part is
+    the same top-k as ``checkpoint=None`` when the heads are all."""
+    model, ids = tiny_decoder("llama-sdpa"), prompt(40)
+    seg = torch.full(ids.shape, int(tp.Segment.TEXT))
+    seg[:, 30:] = int(tp.Segment.GENERATED)
+    path = router_file(tmp_path)
+    router = tp.build_pruner("ftp", sparsity=0.3, checkpoint=path).router
+
+    def kept(**config):
+        with torch.no_grad(), tp.pruning(model, tp.build_pruner("ftp", sparsity=0.3, **config)) as h, h.segments(seg):
+            model(ids)
+        return {i: set(h.stats.kept[i][0]) for i in h.stats.kept}
+
+    none = kept(checkpoint=None)
+    assert all(set(range(30, 40)) <= k for k in none.values())  # generated tokens never skip
+    assert kept(checkpoint=path, static=True) == none  # no static thresholds calibrated: the same
+    router.static_thresholds = [(0.0, 1.0)]  # minus any share is below 1: every generated token skips
+    try:
+        everything = kept(checkpoint=path, static=True)
+    finally:
+        router.static_thresholds = []
+    for i, k in everything.items():
+        assert not (set(range(30, 40)) & k)  # every generated token skipped
+        assert k == none[i] - set(range(30, 40))  # the prompt's choice is unchanged (causal)
+
+
+def test_perplexity_task_reports_the_scored_tokens_skipped_share():
+    """The eval's ``scored_skipped``: the share of the scored tokens' token-block computations that
+    skipped, so rows that route generated tokens and rows that never do are compared at equal FLOPs."""
+    from tokenprune.evals.metrics import Meter
+    from tokenprune.evals.tasks import PerplexityTask
+
+    model = tiny_decoder("llama-sdpa")
+    ids = torch.randint(2, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    task = PerplexityTask("tiny", model=model, token_ids=ids, context=32, limit=2, progress=False)
+    task.setup()
+
+    def share(pruner):
+        with torch.no_grad(), tp.pruning(model, pruner) as h:
+            return task.evaluate(Meter(model, h, analytic=True, count=False), h).extra["scored_skipped"]
+
+    assert share(tp.build_pruner("ftp", sparsity=0.4, checkpoint=None)) == 0.0  # generated tokens never skip
+    assert share(tp.build_pruner("shortgpt", sparsity=0.5, scores=[1, 0.2, 0.5, 0.3])) == 0.5  # 2 of 4 blocks
+    assert 0.2 < share(tp.build_pruner("skip-random", sparsity=0.4)) < 0.6

@@ -125,16 +125,21 @@ class TokenState:
             return self._context(query_slots)
         return self.attention(query_slots), self.index, self.valid
 
-    def attention_mass(self, key_positions: torch.Tensor, query_slots: torch.Tensor | None = None) -> torch.Tensor:
+    def attention_mass(self, key_positions: torch.Tensor, query_slots: torch.Tensor | None = None,
+                       heads: tuple[int, ...] | None = None) -> torch.Tensor:
         """(B, heads, q): the previous layer's attention of the query slots on the keys at the
         original positions ``key_positions`` ((B,) or (B, k)), e.g. ``state.row_offset`` for each row's
         first token (the attention sink). The same numbers as summing ``context_attention`` columns,
         but computed with the fused attention kernel: no (q, n) matrix, at prefill and decode alike.
+        ``heads``: only these query heads (their indices), which costs only their share.
         """
         on = key_positions.to(self.index.device).reshape(self.batch_size, -1)
+        heads = None if heads is None else tuple(int(h) for h in heads)
         if self._mass is not None:
-            return self._mass(on, query_slots)
+            return self._mass(on, query_slots, heads)
         probs, key_index, _ = self.context_attention(query_slots)
+        if heads is not None:
+            probs = probs[:, list(heads)]
         return (probs * (key_index[:, :, None] == on[:, None, :]).any(-1)[:, None, None, :]).sum(-1)
 
     def keys(self) -> torch.Tensor:

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tokenprune as tp  # noqa: E402
 from tokenprune.methods.ftp import checkpoint_path, load_router, uniform_schedule  # noqa: E402
-from train_ftp import OUT_DIR, SoftRouting, routed_nll, text_split, token_blocks  # noqa: E402
+from train_ftp import EVAL_BLOCK, OUT_DIR, SoftRouting, routed_nll, text_split, token_blocks  # noqa: E402
 
 MAX_BLOCK = 0.9
 
@@ -116,7 +116,7 @@ def main():
     ap.add_argument("--elite", type=int, default=2)
     ap.add_argument("--spread", type=float, default=0.4, help="sigma of the log-normal mutation")
     ap.add_argument("--blocks", type=int, default=2, help="calibration blocks in the fitness")
-    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--length", type=int, default=EVAL_BLOCK, help="tokens per block (the last 20%% routed as generated)")
     ap.add_argument("--checkpoint", default="smollm2-135m", help="router (shipped name or path)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -132,20 +132,8 @@ def main():
     path = checkpoint_path(args.checkpoint)
     router = load_router(path)
     soft = SoftRouting(model, router)
-    if not router.thresholds:  # a router saved before train_ftp.py calibrated them: calibrate now
-        from safetensors import safe_open
-
-        from train_ftp import calibrate_thresholds
-
-        with safe_open(path, "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k in ("trained_on", "steps", "seed")}
-        train = token_blocks(tok, text_split(tok)["train"], args.length)
-        order = list(range(len(train)))
-        random.Random(meta.get("seed", 0)).shuffle(order)
-        with soft:
-            thresholds = calibrate_thresholds(model, soft, train[order[:1]])
-        router.save(path, **meta)
-        print(f"calibrated the generated tokens' thresholds of {path}: {thresholds}", flush=True)
+    if not router.thresholds:
+        raise SystemExit(f"{path} has no generated-token thresholds: train it with evals/train/train_ftp.py")
     os.makedirs(args.out, exist_ok=True)
     log = {"command": "/work/notes/heavy .venv/bin/python evals/train/search_ftp.py " + shlex.join(sys.argv[1:]),
            "args": vars(args), "calibration_blocks": len(calib), "budgets": {}}

@@ -5,17 +5,20 @@ and says whether the token runs the block or passes it by on the residual stream
 leaves no keys / values in that block and rejoins after it unchanged):
 
 - *position*: ``log(1 + p) / log(4096)`` with ``p`` the token's position in its row;
-- *attention score*: the share of the token's own attention (head mean, previous block) that
-  goes to the row's first token, the attention sink: how idle the token currently is;
+- *attention score*: the share of the token's own attention (previous block) that goes to the
+  row's first token, the attention sink: how idle the token currently is. It is the mean over a
+  few query heads fixed at training (``Router.heads``; SmolLM2-135M: head 1 of 9), computed with
+  the fused attention kernel on those heads only, so routing costs a sliver of a block;
 - *attention rank*: the rank of that score among the row's prompt tokens, in [0, 1];
 - *target sparsity* of this block (from the schedule).
 
 Decisions are hard at inference. The prompt's tokens are ranked by the router's logit and the
 ``round(s_i * n)`` lowest skip block ``i`` (``n``: the row's prompt tokens), so the realised
 sparsity is the target. Generated tokens (``Segment.GENERATED``) are routed one by one: they skip
-where the logit is below a threshold calibrated after training so that the target share of them
-skips on average (``Router.thresholds``, per block sparsity); their rank input is 0.5, unknown. Every input is causal (a token's own attention row), so a prompt's
-routing never depends on the tokens generated after it, and a token routes the same in
+where the logit is below a threshold calibrated after training, at the positions the eval scores,
+so that the target share of them skips on average (``Router.thresholds``, per block sparsity);
+their rank input is 0.5, unknown. Every input is causal (a token's own attention row), so a
+prompt's routing never depends on the tokens generated after it, and a token routes the same in
 ``generate`` as in a cache-free recompute. The first token of each row is never routed away: it
 is the attention sink every later token reads in every block. Block 0 is never routed (no
 attention before it), so a uniform schedule skips ``sparsity * L / (L - 1)`` per block ``>= 1``.
@@ -23,10 +26,15 @@ attention before it), so a uniform schedule skips ``sparsity * L / (L - 1)`` per
 ``sparsity``: the share of token-block computations skipped (0.0 = dense, bit-exact; 0.3 on a
 30-block model skips as many as removing 9 blocks). ``schedule``: per-block sparsities (length =
 the model's depth, block 0 at 0, mean = ``sparsity``); ``"searched"``: the one
-``evals/train/search_ftp.py`` found for this ``sparsity``, shipped beside the router; None = uniform. ``checkpoint``: a shipped model name (``"smollm2-135m"``, the default), a
-path to an ``ftp.safetensors`` (or its folder), or None for no learned router: the static
-attention-rank rule the router is guided towards in training (the prompt tokens with the highest
-sink share skip; generated tokens never do), which needs no weights and fits any model. Training: ``evals/train/train_ftp.py``.
+``evals/train/search_ftp.py`` found for this ``sparsity``, shipped beside the router; None = uniform.
+``checkpoint``: a shipped model name (``"smollm2-135m"``, the default) or a path to an
+``ftp.safetensors`` (or its folder). ``static=True``: instead of the MLP, the static attention-rank
+rule the router is guided towards in training: the tokens with the highest sink share skip (the
+prompt's top ``round(s_i * n)``; a generated token when its share is above the checkpoint's
+calibrated ``Router.static_thresholds``), on the checkpoint's heads, so it skips generated tokens
+like the router does (equal FLOPs). ``checkpoint=None``: that static rule with no weights, for any
+model: every head's mean, and generated tokens never skip (nothing calibrated their threshold).
+Training: ``evals/train/train_ftp.py``.
 """
 from __future__ import annotations
 
@@ -53,35 +61,47 @@ POSITION_SCALE = math.log(4096.0)
 class Router(nn.Module):
     """Four scalars per token -> keep logit (> 0: run the block)."""
 
-    def __init__(self, hidden: int = 32, num_layers: int = 0, hidden_size: int = 0, thresholds=()):
+    def __init__(self, hidden: int = 32, num_layers: int = 0, hidden_size: int = 0, thresholds=(), heads=None,
+                 static_thresholds=()):
         super().__init__()
         self.num_layers, self.hidden_size = num_layers, hidden_size  # the model it was trained for (0: any)
         # (block sparsity, logit) pairs: a generated token skips when its logit is below the value
         # interpolated at its block's sparsity (calibrated after training); none: 0
         self.thresholds = [tuple(t) for t in thresholds]
+        # the static rule's pairs for the same model: (block sparsity, minus the sink share)
+        self.static_thresholds = [tuple(t) for t in static_thresholds]
+        # query heads whose attention share on the first token is the feature (their mean); None: all
+        self.heads = None if heads is None else tuple(int(h) for h in heads)
         self.net = nn.Sequential(nn.Linear(NUM_FEATURES, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                  nn.Linear(hidden, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net(features)[..., 0]
 
-    def threshold(self, sparsity: float) -> float:
-        """Logit below which a generated token skips a block of this sparsity."""
-        if not self.thresholds:
-            return 0.0
-        xs, ys = zip(*self.thresholds)
-        if sparsity <= xs[0]:
-            return ys[0]
-        for (x0, y0), (x1, y1) in zip(self.thresholds, self.thresholds[1:]):
-            if sparsity <= x1:
-                return y0 + (y1 - y0) * (sparsity - x0) / (x1 - x0)
-        return ys[-1]
+    def threshold(self, sparsity: float, static: bool = False) -> float | None:
+        """Keep score (the logit; for ``static``, minus the sink share) below which a generated token
+        skips a block of this sparsity; None if not calibrated (static: generated tokens never skip)."""
+        table = self.static_thresholds if static else self.thresholds
+        if not table:
+            return None if static else 0.0
+        return interpolate(table, sparsity)
 
     def save(self, path: str, **meta) -> None:
         info = {"method": "ftp", "features": str(NUM_FEATURES), "hidden": str(self.net[0].out_features),
                 "num_layers": str(self.num_layers), "hidden_size": str(self.hidden_size),
-                "thresholds": json.dumps(self.thresholds)}
+                "thresholds": json.dumps(self.thresholds), "static_thresholds": json.dumps(self.static_thresholds),
+                "heads": json.dumps(self.heads)}
         write_safetensors(self, path, info, meta)
+
+
+def interpolate(table, x: float) -> float:
+    """Piecewise-linear ``y(x)`` through the ``(x, y)`` pairs, constant outside them."""
+    if x <= table[0][0]:
+        return table[0][1]
+    for (x0, y0), (x1, y1) in zip(table, table[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return table[-1][1]
 
 
 def checkpoint_path(checkpoint: str) -> str:
@@ -96,18 +116,13 @@ def load_router(path: str) -> Router:
         raise TokenPruneError(f"ftp: {path} is not an FTP router for this version (method={meta.get('method')!r}, "
                               f"{meta.get('features')} features; expected {NUM_FEATURES})")
     router = Router(int(meta["hidden"]), int(meta["num_layers"]), int(meta["hidden_size"]),
-                    json.loads(meta.get("thresholds", "[]")))
+                    json.loads(meta.get("thresholds", "[]")), json.loads(meta.get("heads", "null")),
+                    json.loads(meta.get("static_thresholds", "[]")))
     try:
         router.load_state_dict(tensors)
     except RuntimeError as e:
         raise TokenPruneError(f"ftp: {path} does not fit the FTP router: {e}") from None
     return router.eval().requires_grad_(False)
-
-
-def first_key(index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """(B, K) bool: each row's first real token among the keys (the smallest original position)."""
-    pos = torch.where(valid, index, torch.iinfo(index.dtype).max)
-    return valid & (pos == pos.amin(dim=1, keepdim=True))
 
 
 def features(sink: torch.Tensor, positions: torch.Tensor, prompt: torch.Tensor, sparsity) -> torch.Tensor:
@@ -154,13 +169,15 @@ def uniform_schedule(sparsity: float, num_layers: int) -> list[float]:
 @dataclass
 class FTP(Pruner):
     """``sparsity``: share of token-block computations skipped; ``schedule``: per-block shares
-    (None: uniform); ``checkpoint``: shipped model name, path, or None (static attention rule)."""
+    (None: uniform); ``checkpoint``: shipped model name, path, or None (static rule, no weights);
+    ``static``: the static attention-rank rule on the checkpoint's heads and thresholds."""
 
     routes_decode = True  # generated tokens are routed at every decode step too
 
     sparsity: float = 0.3
     schedule: tuple[float, ...] | str | None = None
     checkpoint: str | None = "smollm2-135m"
+    static: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -181,6 +198,8 @@ class FTP(Pruner):
                                       f"{self.sparsity}: give the schedule's mean as sparsity")
         if self.checkpoint is not None and not isinstance(self.checkpoint, str):
             raise TokenPruneError(f"ftp: checkpoint must be a model name, a path or None, got {self.checkpoint!r}")
+        if not isinstance(self.static, bool):
+            raise TokenPruneError(f"ftp: static must be True or False, got {self.static!r}")
         self.router = None if self.checkpoint is None else load_router(checkpoint_path(self.checkpoint))
 
     def block_sparsity(self, num_layers: int) -> list[float]:
@@ -211,35 +230,43 @@ class FTP(Pruner):
         if size and model.hidden_size and size != model.hidden_size:
             raise TokenPruneError(f"ftp: checkpoint {self.checkpoint!r} was trained for hidden size {size}; "
                                   f"this model has {model.hidden_size} (train one for it, or checkpoint=None)")
+        heads = self.router.heads if self.router is not None else None
+        if heads and model.num_heads and not all(0 <= h < model.num_heads for h in heads):
+            raise TokenPruneError(f"ftp: checkpoint {self.checkpoint!r} reads attention heads {list(heads)}; "
+                                  f"this model has {model.num_heads}")
 
-    def logits(self, state, sparsity: float, prompt, generated):
-        """(B, n) keep logits: above 0 (prompt: among the highest) runs the block."""
-        # the previous block's attention over every key it holds (at a decode step: its whole cache)
-        probs, key_index, key_valid = state.context_attention(None)
-        sink = (probs.float().mean(dim=1) * first_key(key_index, key_valid)[:, None, :]).sum(-1)
-        feats = features(sink, state.positions(), prompt, sparsity)
-        if self.router is None:  # the static attention-rank rule: the most idle prompt tokens skip
-            return torch.where(generated, 1.0, -feats[..., 2])
-        size = self.router.hidden_size
-        if size and state.hidden.shape[-1] != size:
-            raise TokenPruneError(f"ftp: checkpoint {self.checkpoint!r} was trained for hidden size {size}; "
-                                  f"this model has {state.hidden.shape[-1]} (train one for it, or checkpoint=None)")
-        return self.router(feats.to(next(self.router.parameters()))).float()
+    def scores(self, state, sparsity: float, prompt, positions):
+        """(B, n) keep scores, the lowest skip: the router's logit, or (static rule) minus the sink share."""
+        router = self.router
+        # the previous block's attention on the row's first token (at a decode step: over its whole
+        # cache), through the fused kernel and only for the router's heads
+        sink = state.attention_mass(state.row_offset, heads=None if router is None else router.heads).mean(1)
+        if router is None or self.static:
+            return -sink
+        feats = features(sink, positions, prompt, sparsity)
+        return router(feats.to(router.net[0].weight.dtype)).float()
 
     def select(self, state):
         sparsity = self.block_sparsity(state.num_layers)[state.layer]
         if sparsity <= 0.0:
             return None
-        routed = state.valid & (state.positions() > 0)  # the first token never skips
-        generated = routed & (state.segments == int(Segment.GENERATED))
+        positions = state.positions()
+        routed = state.valid & (positions > 0)  # the first token never skips
+        generated = state.segments == int(Segment.GENERATED)
         prompt = routed & ~generated
-        if not (prompt.any() or (generated.any() and self.router is not None)):
-            return None  # nothing this rule could route (the static rule never routes generated tokens)
+        cut = None if self.router is None else self.router.threshold(sparsity, self.static)
+        generated = routed & generated if cut is not None else torch.zeros_like(prompt)  # None: never skip
+        any_prompt = bool(prompt.any())
+        if not (any_prompt or bool(generated.any())):
+            return None
         with torch.no_grad():
-            logit = self.logits(state, sparsity, prompt, generated)
-        k = skip_count(prompt, state.valid & ~routed & (state.segments != int(Segment.GENERATED)), sparsity)
-        order = logit.masked_fill(~prompt, float("inf")).argsort(dim=1, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-        cut = self.router.threshold(sparsity) if self.router is not None else 0.0
-        skip = (prompt & (rank < k[:, None])) | (generated & (logit < cut))
+            score = self.scores(state, sparsity, prompt, positions)
+        skip = generated & (score < cut) if cut is not None else generated
+        if any_prompt:  # the prompt's round(s * n) lowest scores skip: the exact share
+            k = skip_count(prompt, state.valid & (positions == 0), sparsity)
+            most = int(k.max())
+            if most:
+                low = score.masked_fill(~prompt, float("inf")).topk(most, dim=1, largest=False).indices
+                take = torch.arange(most, device=k.device)[None, :] < k[:, None]
+                skip = skip | torch.zeros_like(skip).scatter_(1, low, take)
         return Skip(keep=state.valid & ~skip)
