@@ -15,9 +15,11 @@ sequence plays generated tokens: logit < 0 skips); a skipped token's key is mask
 and its output is ``h + g * (block(h) - h)`` with ``g`` the hard gate whose gradient is the soft
 gate's, ``sigmoid(logit)`` (straight-through). Losses:
 
-- distillation: KL(dense || routed) of the next-token distributions at every position;
-- sparsity: squared gap between each block's share kept by the threshold rule (logit > 0, hard
-  value, soft gradient) and ``1 - s_i``, so the threshold that routes generated tokens hits the target;
+- distillation: KL(dense || routed) of the next-token distributions where they are used: at the
+  generated tail (and the last prompt token), as in generation and in the eval;
+- sparsity: squared gap between the generated tokens' share kept by the threshold rule (logit > 0,
+  hard value, soft gradient) over all routed blocks and the schedule's mean ``1 - s_i``: the router
+  picks the blocks where they skip, the calibrated threshold then hits the target share;
 - guide: binary cross-entropy towards the static attention-rank router (the tokens with the
   highest attention share on the first token skip), weight decaying linearly to 0 over the first
   ``--guide-share`` of the steps.
@@ -49,7 +51,8 @@ from tokenprune.methods.ftp import Router, features  # noqa: E402
 
 OUT_DIR = os.path.join(REPO, "tokenprune", "zoo", "weights", "smollm2-135m", "ftp")
 CALIBRATION_EVERY = 6
-EVAL_BLOCK = 512 + 128  # PerplexityTask's context + scored tokens
+EVAL_CONTEXT = 512  # PerplexityTask's context ...
+EVAL_BLOCK = EVAL_CONTEXT + 128  # ... + scored tokens
 EVAL_POOL = 64  # ... and its pool of blocks
 
 
@@ -121,18 +124,21 @@ class SoftRouting:
 
     @torch.no_grad()
     def sink_share(self, i: int) -> torch.Tensor:
-        """(B, n) each token's attention share on token 0 in block i-1 (head mean; keys that skipped it masked)."""
+        """(B, n) each token's attention share on token 0 in block i-1 (mean over the router's heads;
+        keys that skipped it masked)."""
         hidden, (cos, sin), key_ok = self._prev
         layer = self.layers[i - 1]
         attn = layer.self_attn
         B, n, _ = hidden.shape
         x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(B, n, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, n, -1, attn.head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(B, n, -1, attn.head_dim)
+        k = attn.k_proj(x).view(B, n, -1, attn.head_dim)
+        heads = self.router.heads or range(q.shape[2])
+        group = q.shape[2] // k.shape[2]
+        q, k = q[:, :, list(heads)].transpose(1, 2), k[:, :, [h // group for h in heads]].transpose(1, 2)
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         scores = (q * attn.scaling) @ k.transpose(-1, -2)
         visible = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()[None, None] & key_ok[:, None, None, :]
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).mean(1)
@@ -171,13 +177,14 @@ class SoftRouting:
         # the static attention-rank router (the guide): the highest attention shares on the sink skip
         static_skip = prompt & (lowest(-feats[..., 2], prompt) < k[:, None])
         skip = prompt & (lowest(-feats[..., 2] if self.static else logit.detach(), prompt) < k[:, None])
-        if not self.static:
+        if not self.static:  # generated tokens: one by one, below the threshold (0 while training: the
+            # sparsity loss sets their share over all blocks, the router where; calibrated after training)
             skip |= generated & (logit.detach() < self.router.threshold(s))
         self.generated_logits.append(logit.detach()[generated])
         soft = torch.sigmoid(logit)
         gate = torch.where(routed, (~skip).float() + soft - soft.detach(), torch.ones_like(soft))
         thr = (logit > 0).float() + soft - soft.detach()
-        self.records.append((logit, thr, ~static_skip, routed, 1.0 - s))
+        self.records.append((logit, thr, ~static_skip, prompt, generated, 1.0 - s))
         self.keep_rates.append(float((~skip)[routed].float().mean()))
         return gate, ~skip
 
@@ -193,9 +200,18 @@ class SoftRouting:
         return hook
 
     def losses(self):
-        sparsity = torch.stack([(thr[m].mean() - target) ** 2 for _, thr, _, m, target in self.records]).mean()
-        guide = torch.stack([F.binary_cross_entropy_with_logits(lg[m], st[m].float())
-                             for lg, _, st, m, _ in self.records]).mean()
+        """(sparsity, guide). Sparsity: the generated tokens' share kept by the threshold, pooled over
+        every routed block, against the schedule's (the prompt's share is exact by top-k); without
+        generated tokens, each block's prompt share. Guide: towards the static rule's prompt choice."""
+        gen = [(thr[g], target) for _, thr, _, _, g, target in self.records if g.any()]
+        if gen:
+            kept = torch.cat([k for k, _ in gen])
+            target = torch.cat([torch.full_like(k, t) for k, t in gen]).mean()
+            sparsity = (kept.mean() - target) ** 2
+        else:
+            sparsity = torch.stack([(thr[p].mean() - t) ** 2 for _, thr, _, p, _, t in self.records]).mean()
+        guide = torch.stack([F.binary_cross_entropy_with_logits(lg[p], st[p].float())
+                             for lg, _, st, p, _, _ in self.records]).mean()
         return sparsity, guide
 
 
@@ -203,24 +219,47 @@ THRESHOLD_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
 @torch.no_grad()
-def calibrate_thresholds(model, soft: SoftRouting, blocks: torch.Tensor, passes: int = 2) -> list:
-    """``Router.thresholds``: for each block sparsity of THRESHOLD_GRID, the logit below which that
-    share of the generated tokens falls (hard routing, uniform schedule; ``passes`` rounds, since
-    the tokens' features depend on the earlier blocks' decisions, which depend on the thresholds)."""
-    L = len(soft.layers)
-    router = soft.router
-    for _ in range(passes):
-        table = []
-        for s in THRESHOLD_GRID:
-            soft.schedule = [0.0] + [s] * (L - 1)
-            logits = []
-            for x in blocks.split(1):
-                soft.reset()
-                model(x, use_cache=False)
-                logits += soft.generated_logits
-            table.append((s, round(float(torch.cat(logits).quantile(s)), 5)))
-        router.thresholds = table
-    return router.thresholds
+def calibrate_thresholds(model, router: Router, blocks: torch.Tensor, context: int = EVAL_CONTEXT,
+                         passes: int = 2, progress: bool = False) -> tuple[list, list]:
+    """``Router.thresholds`` and ``Router.static_thresholds``: for each block sparsity ``s`` of
+    THRESHOLD_GRID, the keep score below which the share ``s`` of the generated tokens falls.
+
+    Measured where the eval scores: through the library (``tp.pruning``, uniform schedule at ``s``)
+    on ``blocks`` whose tokens after ``context`` are marked generated, as PerplexityTask marks its
+    scored tokens (``blocks``: training text only). ``passes`` rounds, since a generated token's
+    features depend on the earlier blocks' decisions, which depend on the thresholds. Static rule:
+    the keep score is minus the sink share (the most idle generated tokens skip)."""
+    from tokenprune.methods.ftp import FTP
+
+    seg = torch.full(blocks[:1].shape, int(tp.Segment.TEXT))
+    seg[:, context:] = int(tp.Segment.GENERATED)
+    bar = tqdm(total=2 * passes * len(THRESHOLD_GRID) * len(blocks), desc="calibrate thresholds", disable=not progress)
+    for static in (False, True):
+        for _ in range(passes):
+            table = []
+            for s in THRESHOLD_GRID:
+                pruner = FTP(sparsity=s, checkpoint=None, static=static)
+                pruner.router, seen = router, []
+                score = pruner.scores
+
+                def record(state, sparsity, prompt, positions):
+                    out = score(state, sparsity, prompt, positions)
+                    seen.append(out[state.valid & (state.segments == int(tp.Segment.GENERATED))])
+                    return out
+
+                pruner.scores = record
+                with tp.pruning(model, pruner) as handle:
+                    for x in blocks.split(1):
+                        with handle.segments(seg):
+                            model(x, use_cache=False)
+                        bar.update(1)
+                table.append((s, round(float(torch.cat(seen).quantile(s)), 6)))
+            if static:
+                router.static_thresholds = table
+            else:
+                router.thresholds = table
+    bar.close()
+    return router.thresholds, router.static_thresholds
 
 
 def lowest(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -240,18 +279,21 @@ def sample_schedule(rng: random.Random, total: float, num_layers: int, spread: f
 
 @torch.no_grad()
 def init_static(router: Router, scale: float = 4.0) -> Router:
-    """Start the router at the static attention-rank rule: its logit decreases with the rank input
+    """Start the router at the static attention-rank rule: its logit decreases with rank + sink share
     (one path through the MLP carries it), every other weight is a tenth of its random init. Top-k
-    on these logits is the static router's choice, so training starts from it, not from chance."""
+    on these logits is the static router's choice, and a threshold on them the static rule's for
+    generated tokens, so training starts from it, not from chance."""
     for lin in router.net[::2]:
         lin.weight.mul_(0.1)
         lin.bias.mul_(0.1)
     first, mid, last = router.net[0], router.net[2], router.net[4]
     first.weight[0].zero_()
-    first.weight[0, 2], first.bias[0] = 1.0, 2.0  # rank in [0, 1] -> GELU's near-linear range
+    # rank + sink share (both in [0, 1]) -> GELU's near-linear range: among the prompt the order is
+    # the rank's (rank grows with the share), and generated tokens (rank 0.5) are ordered by the share
+    first.weight[0, 1], first.weight[0, 2], first.bias[0] = 1.0, 1.0, 2.0
     mid.weight[0].zero_()
     mid.weight[0, 0], mid.bias[0] = 1.0, 0.0
-    last.weight[0, 0], last.bias[0] = -scale, scale * 2.5
+    last.weight[0, 0], last.bias[0] = -scale, scale * 3.0
     return router
 
 
@@ -274,47 +316,55 @@ def routed_nll(model, soft: SoftRouting, blocks: torch.Tensor, schedule: list[fl
     return total / count
 
 
-def library_eval(model, tok, out: str, budgets, limit: int, progress: bool) -> list[dict]:
-    """Held-out perplexity through the library (``tp.pruning`` + ``Skip``), as ``tokenprune eval`` runs it."""
+def library_eval(model, tok, out: str, budgets, limit: int, progress: bool, token_ids=None) -> list[dict]:
+    """Perplexity of 128 tokens after a 512-token context through the library (``tp.pruning`` +
+    ``Skip``), as ``tokenprune eval`` runs it: the held-out text, or the ``token_ids`` blocks."""
     from tokenprune.evals.metrics import Meter
     from tokenprune.evals.tasks import PerplexityTask
 
-    task = PerplexityTask(model=model, tokenizer=tok, limit=limit, progress=progress)
+    task = PerplexityTask(model=model, tokenizer=tok, limit=limit, progress=progress, token_ids=token_ids,
+                          context=EVAL_CONTEXT)
     task.setup()
     dense = task.evaluate(Meter(model, None, analytic=True, count=False))
-    rows = [dict(method="dense", sparsity=0.0, perplexity=dense.quality, agreement=1.0, flops_rel=1.0)]
+    rows = [dict(method="dense", sparsity=0.0, perplexity=dense.quality, agreement=1.0, flops_rel=1.0,
+                 scored_skipped=0.0)]
     for b in budgets:
-        for name, ckpt in (("ftp", out), ("ftp-static", None)):
-            with tp.pruning(model, tp.build_pruner("ftp", sparsity=b, checkpoint=ckpt)) as h:
+        for name, static in (("ftp", False), ("ftp static rule", True)):
+            with tp.pruning(model, tp.build_pruner("ftp", sparsity=b, checkpoint=out, static=static)) as h:
                 meter = Meter(model, h, analytic=True, count=False)
                 r = task.evaluate(meter, h)
             rows.append(dict(method=name, sparsity=b, perplexity=r.quality,
                              agreement=float((r.predictions == dense.predictions).float().mean()),
-                             flops_rel=meter.adapter_flops / meter.adapter_dense_flops))
+                             flops_rel=meter.adapter_flops / meter.adapter_dense_flops,
+                             scored_skipped=r.extra["scored_skipped"]))
             print(rows[-1], flush=True)
     return rows
 
 
+def eval_table(rows) -> str:
+    return ("| rule | sparsity | perplexity | next-token agreement | FLOPs rel. | scored tokens' blocks skipped |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(
+                f"| {r['method']} | {r['sparsity']} | {r['perplexity']:.3f} | {r['agreement']:.3f} | {r['flops_rel']:.3f} "
+                f"| {r['scored_skipped']:.3f} |" for r in rows))
+
+
 def write_card(out, args, m):
-    rows = "\n".join(f"| {r['method']} | {r['sparsity']} | {r['perplexity']:.3f} | {r['agreement']:.3f} | "
-                     f"{r['flops_rel']:.3f} |" for r in m.get("eval", []))
-    table = ("| router | sparsity | held-out perplexity | next-token agreement | FLOPs rel. |\n|---|---|---|---|---|\n"
-             + rows) if rows else "(no library evaluation in this run: `--eval-limit 0`)"
-    nll = "\n".join(f"| {s} | {m['calib_nll_dense']:.4f} | {a:.4f} | {b:.4f} |"
-                    for s, a, b in m["calib_nll"])
+    held = eval_table(m["eval"]) if m.get("eval") else "(no held-out evaluation in this run: `--eval-limit 0`)"
+    calib = eval_table(m["calib_eval"]) if m.get("calib_eval") else "(none: `--calib-blocks 0`)"
     text = f"""# FTP router for SmolLM2-135M
 
 The learned part of `tokenprune`'s FTP (`tokenprune/methods/ftp.py`): one MLP (4 inputs -> {args.hidden} -> {args.hidden} -> 1,
 GELU), shared by every block, {m['parameters']} parameters ({m['file_bytes']} bytes on disk). Inputs per token: position,
-attention share on the first token in the previous block, its rank among the prompt's tokens,
-the block's target sparsity. Load: `tp.build_pruner("ftp", sparsity=0.3)` (the default checkpoint
-`"smollm2-135m"`); trained for the 30-layer, 576-wide SmolLM2-135M: other models get the
-library's error.
+attention share on the first token in the previous block (mean of query head(s) {args.heads}, through the fused
+attention kernel), its rank among the prompt's tokens, the block's target sparsity. Load:
+`tp.build_pruner("ftp", sparsity=0.3)` (the default checkpoint `"smollm2-135m"`); `static=True` runs the static
+attention-rank rule on the same heads with its own calibrated thresholds. Trained for the 30-layer, 576-wide
+SmolLM2-135M: other models get the library's error.
 
 ## Data
 `pydoc_data.topics` (shipped with CPython; nothing downloaded). Held out: the {m['split']['held']} topics the perplexity
 eval reads (`tokenprune eval --model smollm2-135m`). Of the other {m['split']['train'] + m['split']['calibration']} topics, every
-{CALIBRATION_EVERY}th ({m['split']['calibration']}) is the calibration split (schedule search, the NLL below), the
+{CALIBRATION_EVERY}th ({m['split']['calibration']}) is the calibration split (schedule search, the check below), the
 {m['split']['train']} others train: {m['train_blocks']} blocks of {args.length} tokens.
 
 ## Training
@@ -325,29 +375,32 @@ Base model frozen (fp32). The router starts at the static attention-rank rule (`
 logit decreases with the rank input, other weights a tenth of a random init). {m['steps_done']} steps (of {args.steps} planned; `--max-minutes {args.max_minutes}`), one
 {args.length}-token block per step; total sparsity uniform in [{args.min_sparsity}, {args.max_sparsity}], per-block
 sparsities log-normal (sigma {args.spread}) around the uniform schedule; the last {args.generated:.0%} of each block is
-routed as generated tokens (threshold), the rest as the prompt (top-k). Hard routing in the forward,
+routed as generated tokens (logit < 0 skips), the rest as the prompt (top-k). Hard routing in the forward,
 soft gate `sigmoid(logit)` in the backward (straight-through); a skipped token's key is masked in its block
-and its output is `h + g * (block(h) - h)`. Loss = KL(dense || routed) + {args.sparsity_weight} x sparsity
-constraint + guide ({args.guide_weight} x BCE towards the static attention-rank router, decaying to 0 over the first
-{args.guide_share:.0%} of the steps). AdamW lr {args.lr}, seed {args.seed}, {args.threads} thread(s). After training,
-the generated tokens' thresholds are calibrated on {args.threshold_blocks} training block(s): for each block sparsity in
-{list(THRESHOLD_GRID)}, the logit quantile at that share (hard routing, two passes): {m['thresholds']}.
-**Time: {m['train_seconds'] / 60:.1f} min training ({m['total_seconds'] / 60:.1f} min in all, model load and the checks
-below included)** on a 2-core CPU, one core (`/work/notes/heavy`; other developers' jobs ran at the same time).
+and its output is `h + g * (block(h) - h)`. Loss = KL(dense || routed) at the generated tail's positions (and the
+last prompt token's: the predictions generation uses) + {args.sparsity_weight} x sparsity
+constraint on the generated tokens' share over all blocks + guide ({args.guide_weight} x BCE towards the static
+attention-rank router's prompt choice, decaying to 0 over the first
+{args.guide_share:.0%} of the steps). AdamW lr {args.lr}, seed {args.seed}, {args.threads} thread(s).
+**Time: {m['train_seconds'] / 60:.1f} min training ({m['total_seconds'] / 60:.1f} min in all, model load, calibration
+and the checks below included)** on a 2-core CPU, one core (`/work/notes/heavy`; other developers' jobs ran at the same time).
 Final (mean of the last 20 steps): KL {m['final_kl']:.4f}, sparsity loss {m['final_sparsity']:.5f}, guide {m['final_guide']:.4f}.
 
-## Checks
-Calibration split ({m['calib_blocks']} blocks of {args.length} tokens), next-token NLL with hard routing, uniform schedule
-(dense {m['calib_nll_dense']:.4f}):
+## Generated tokens' thresholds
+A generated token (at a decode step, or a scored token in the eval) is routed alone: it skips a block
+when its keep score is below the threshold of the block's sparsity. Calibrated after training where the
+eval scores: {args.threshold_blocks} training block(s) of {args.length} tokens, the last {args.generated:.0%} marked generated, through the library,
+uniform schedule at each sparsity of {list(THRESHOLD_GRID)}, the keep-score quantile at that share (two passes).
+Router (logit): {m['thresholds']}. Static rule (minus the sink share): {m['static_thresholds']}.
 
-| sparsity | dense | FTP router | static attention-rank router |
-|---|---|---|---|
-{nll}
+## Checks (through the library: 512 context + 128 scored tokens, every block >= 1 routed, uniform schedule)
+Calibration split ({m['calib_blocks']} blocks):
 
-Held-out perplexity through the library (`tp.pruning`, `Skip`; PerplexityTask, first {args.eval_limit} blocks of the
-seeded subset, 512 context + 128 scored tokens, all routed):
+{calib}
 
-{table}
+Held-out text (PerplexityTask, first {args.eval_limit} blocks of the seeded subset):
+
+{held}
 
 The comparison with ShortGPT and the other baselines is in `results/smollm2-ftp/`.
 """
@@ -359,7 +412,10 @@ def main(argv=None, loaded=None):
     """``loaded``: an already loaded ``(model, tokenizer)`` of SmolLM2-135M (tests), else loaded here."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--length", type=int, default=512, help="tokens per training block")
+    ap.add_argument("--length", type=int, default=EVAL_BLOCK,
+                    help="tokens per training block (default: the eval's 512 context + 128 scored)")
+    ap.add_argument("--heads", type=int, nargs="+", default=[1],
+                    help="query heads whose attention share on the first token is the feature (their mean)")
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--min-sparsity", type=float, default=0.1)
@@ -372,7 +428,7 @@ def main(argv=None, loaded=None):
     ap.add_argument("--init", choices=["static", "random"], default="static",
                     help="start from the static attention-rank rule, or from a random MLP")
     ap.add_argument("--max-minutes", type=float, default=25.0, help="stop training after this long")
-    ap.add_argument("--threshold-blocks", type=int, default=1,
+    ap.add_argument("--threshold-blocks", type=int, default=2,
                     help="training blocks that calibrate the generated tokens' thresholds")
     ap.add_argument("--calib-blocks", type=int, default=4, help="calibration blocks for the NLL check (0: none)")
     ap.add_argument("--eval-limit", type=int, default=4, help="held-out perplexity blocks through the library (0: none)")
@@ -390,8 +446,8 @@ def main(argv=None, loaded=None):
     L = model.config.num_hidden_layers
     split = text_split(tok)
     train = token_blocks(tok, split["train"], args.length)
-    calib = token_blocks(tok, split["calibration"], args.length)[: args.calib_blocks]
-    router = Router(args.hidden, num_layers=L, hidden_size=model.config.hidden_size)
+    calib = token_blocks(tok, split["calibration"], EVAL_BLOCK)[: args.calib_blocks]
+    router = Router(args.hidden, num_layers=L, hidden_size=model.config.hidden_size, heads=args.heads)
     if args.init == "static":
         init_static(router)
     opt = torch.optim.AdamW(router.parameters(), lr=args.lr, weight_decay=0.0)
@@ -401,6 +457,9 @@ def main(argv=None, loaded=None):
     order = list(range(len(train)))
     rng.shuffle(order)
     log = []
+    # distil where the model's outputs are used: the generated tail's next-token predictions (and
+    # the last prompt token's); a prompt token's own prediction is never read, only its keys / values
+    scored = args.length - round(args.generated * args.length) - 1 if args.generated > 0 else 0
     t1 = time.time()
     bar = tqdm(range(args.steps), desc="train ftp", disable=not progress)
     for step in bar:
@@ -412,7 +471,7 @@ def main(argv=None, loaded=None):
             soft.reset()
             soft.schedule = sample_schedule(rng, total, L, args.spread)
             logits = model(x, use_cache=False).logits
-            kl = kl_loss(logits, teacher)
+            kl = kl_loss(logits[:, scored:], teacher[:, scored:])
             sparsity, guide = soft.losses()
         w_guide = args.guide_weight * max(0.0, 1.0 - step / max(1.0, args.guide_share * args.steps))
         loss = kl + args.sparsity_weight * sparsity + w_guide * guide
@@ -426,27 +485,15 @@ def main(argv=None, loaded=None):
             break
     train_seconds = time.time() - t1
     router.eval().requires_grad_(False)
-    with soft:
-        calibrate_thresholds(model, soft, train[torch.tensor(order[:args.threshold_blocks])])
+    # training blocks, generated tail as in training (by default the eval's positions: 512 + 128)
+    calibrate_thresholds(model, router, train[torch.tensor(order[:args.threshold_blocks])],
+                         context=args.length - round(args.generated * args.length), progress=progress)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "ftp.safetensors")
     router.save(path, trained_on="smollm2-135m", steps=len(log), seed=args.seed)
 
     budgets = [0.2, 0.3, 0.4]
-    calib_nll = []
-    dense_nll = float("nan")
-    if len(calib):
-        with soft:
-            dense_nll = routed_nll(model, soft, calib, [0.0] * L)
-            for s in budgets:
-                from tokenprune.methods.ftp import uniform_schedule
-
-                a = routed_nll(model, soft, calib, uniform_schedule(s, L))
-                soft.static = True
-                b = routed_nll(model, soft, calib, uniform_schedule(s, L))
-                soft.static = False
-                calib_nll.append((s, a, b))
-                print(f"calibration NLL at sparsity {s}: router {a:.4f}, static {b:.4f} (dense {dense_nll:.4f})", flush=True)
+    calib_eval = library_eval(model, tok, path, budgets, len(calib), progress, token_ids=calib) if len(calib) else []
     results = library_eval(model, tok, path, budgets, args.eval_limit, progress) if args.eval_limit else []
     tail = log[-20:]
     m = dict(command="/work/notes/heavy .venv/bin/python evals/train/train_ftp.py " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -454,7 +501,7 @@ def main(argv=None, loaded=None):
              split={k: len(v) for k, v in split.items()}, train_blocks=len(train), calib_blocks=len(calib),
              steps_done=len(log), train_seconds=train_seconds, thresholds=router.thresholds, total_seconds=time.time() - t0,
              final_kl=sum(a for a, _, _ in tail) / len(tail), final_sparsity=sum(b for _, b, _ in tail) / len(tail),
-             final_guide=sum(c for _, _, c in tail) / len(tail), calib_nll_dense=dense_nll, calib_nll=calib_nll,
+             final_guide=sum(c for _, _, c in tail) / len(tail), static_thresholds=router.static_thresholds, calib_eval=calib_eval,
              eval=results, log=log, args=vars(args))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(m, f, indent=1)
