@@ -744,9 +744,10 @@ class DecoderAdapter(HookedAdapter):
         attn = layer.self_attn
         B, n, _ = hidden.shape
         dev = hidden.device
-        if query_slots is None:
+        every_row = query_slots is None
+        if every_row:
             query_slots = torch.arange(n, device=dev).expand(B, n)
-        x = layer.input_layernorm(gather_rows(hidden, query_slots))
+        x = layer.input_layernorm(hidden if every_row else gather_rows(hidden, query_slots))
         q = attn.q_proj(x).view(B, x.shape[1], -1, attn.head_dim)
         all_heads = q.shape[2]
         if heads is not None:
@@ -755,7 +756,9 @@ class DecoderAdapter(HookedAdapter):
             q = attn.q_norm(q)
         q = q.transpose(1, 2)
         cos, sin = expand_rows(cos, B), expand_rows(sin, B)
-        q = self._rotate(q, q, gather_rows(cos, query_slots), gather_rows(sin, query_slots))[0]
+        if not every_row:
+            cos, sin = gather_rows(cos, query_slots), gather_rows(sin, query_slots)
+        q = self._rotate(q, q, cos, sin)[0]
         if cache is None or not cache.layers[li].is_initialized:
             K = 0
             keys = q.new_zeros(B, 1, 0, q.shape[-1])

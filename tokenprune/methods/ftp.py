@@ -129,10 +129,13 @@ def features(sink: torch.Tensor, positions: torch.Tensor, prompt: torch.Tensor, 
     """(B, n, 4) router inputs from each token's attention share on the sink ``(B, n)``, its
     position in the row ``(B, n)`` and the routed prompt tokens ``(B, n)`` (their rank group);
     other tokens get rank 0.5. ``sparsity``: the block's target, a float or ``(B, 1)``."""
-    order = sink.masked_fill(~prompt, float("inf")).argsort(dim=1, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    count = prompt.sum(1, keepdim=True)
-    rank = torch.where(prompt, rank.float() / (count - 1).clamp_min(1), torch.full_like(sink, 0.5))
+    if bool(prompt.any()):
+        order = sink.masked_fill(~prompt, float("inf")).argsort(dim=1, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        count = prompt.sum(1, keepdim=True)
+        rank = torch.where(prompt, rank.float() / (count - 1).clamp_min(1), torch.full_like(sink, 0.5))
+    else:  # a decode step: no prompt token to rank among
+        rank = torch.full_like(sink, 0.5)
     pos = torch.log1p(positions.float().clamp_min(0)) / POSITION_SCALE
     target = torch.as_tensor(sparsity, dtype=sink.dtype, device=sink.device).expand_as(sink)
     return torch.stack([pos, sink, rank, target], dim=-1)
