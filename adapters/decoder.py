@@ -36,6 +36,7 @@ import inspect
 import sys
 import weakref
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -263,6 +264,10 @@ class DecoderAdapter(HookedAdapter):
         self.base = find_decoder(model)
         self.layers = self.base.layers
         self.config = self.base.config
+        # what the FLOPs / KV accounting reads, as plain attributes: HF config lookups are slow, and
+        # the accounting runs at every layer of every decode step
+        self.shape = SimpleNamespace(**{k: getattr(self.config, k, None) for k in (
+            "hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads", "intermediate_size")})
         impl = getattr(self.config, "_attn_implementation", None) or "eager"
         if impl not in SUPPORTED_ATTENTION:
             raise UnsupportedModelError(
@@ -491,8 +496,8 @@ class DecoderAdapter(HookedAdapter):
         stats = call.request.stats
         stats.tokens_per_layer.append(st.valid.sum(1).tolist())
         B, n = st.index.shape
-        stats.flops += 0 if hollow else B * decoder_layer_flops(self.config, n, n)
-        stats.dense_flops += B * decoder_layer_flops(self.config, stream.N, stream.N)
+        stats.flops += 0 if hollow else B * decoder_layer_flops(self.shape, n, n)
+        stats.dense_flops += B * decoder_layer_flops(self.shape, stream.N, stream.N)
         return st.hidden
 
     def _reduce(self, call: Call, i: int, reduction, rescore: bool = True):
@@ -647,12 +652,12 @@ class DecoderAdapter(HookedAdapter):
         B, q = hidden.shape[:2]
         stats = req.stats
         dense_keys = call.start_len + q
-        stats.dense_flops += B * decoder_layer_flops(self.config, q, dense_keys)
+        stats.dense_flops += B * decoder_layer_flops(self.shape, q, dense_keys)
         cache = kwargs.get("past_key_values")
         rope = kwargs.get("position_embeddings")
         kept = self._route_decode(call, i, hidden)  # (slots, valid) of the new tokens that run block i
         if kept is None and i not in req.key_index:
-            stats.flops += B * decoder_layer_flops(self.config, q, dense_keys)
+            stats.flops += B * decoder_layer_flops(self.shape, q, dense_keys)
             call.dstash = (i, hidden, rope, None, cache)
             return hidden
         if i not in req.key_index:  # first reduction of this layer: its history is dense
@@ -697,7 +702,7 @@ class DecoderAdapter(HookedAdapter):
         index = torch.cat([req.key_index[i], new], dim=1)
         valid = torch.cat([req.key_valid[i], new_valid], dim=1)
         req.key_index[i], req.key_valid[i] = index, valid
-        stats.flops += B * decoder_layer_flops(self.config, m, index.shape[1])
+        stats.flops += B * decoder_layer_flops(self.shape, m, index.shape[1])
         if mask is not None:
             mask = expand_rows(mask, B)
             if slots is not None:
