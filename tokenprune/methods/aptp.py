@@ -75,7 +75,8 @@ def load_router(folder: str) -> APTPRouter:
     if config.get("method") != "aptp" or config.get("version") != VERSION:
         raise TokenPruneError(f"aptp: {folder} is not an APTP router of version {VERSION} "
                               f"(method={config.get('method')!r}, version={config.get('version')!r})")
-    keys = ("layout", "num_codes", "text_dim", "hidden", "channel_group", "temperature", "offset", "tokens", "context")
+    keys = ("layout", "num_codes", "text_dim", "hidden", "channel_group", "temperature", "offset", "tokens", "context",
+            "depth_offset")
     try:
         router = APTPRouter(**{k: config[k] for k in keys})
         router.load_state_dict(tensors)

@@ -85,13 +85,14 @@ class APTPRouter(nn.Module):
 
     def __init__(self, layout: list[dict], num_codes: int = 4, text_dim: int = 384, hidden: int = 64,
                  channel_group: int = 8, temperature: float = 0.4, offset: float = 2.0,
-                 tokens: list[int] | None = None, context: int = 8):
+                 tokens: list[int] | None = None, context: int = 8, depth_offset: float = 4.0):
         super().__init__()
         for b in layout:
             if b["channels"] % channel_group:
                 raise ValueError(f"feed-forward width {b['channels']} is not a multiple of channel_group {channel_group}")
         self.config = dict(layout=[dict(b) for b in layout], num_codes=num_codes, text_dim=text_dim, hidden=hidden,
                            channel_group=channel_group, temperature=temperature, offset=offset,
+                           depth_offset=depth_offset,
                            tokens=list(tokens) if tokens else [64] * len(layout), context=context)
         self.sizes = group_sizes(layout, channel_group)
         self.gru = nn.GRU(text_dim, hidden, batch_first=True, bidirectional=True)
@@ -103,6 +104,10 @@ class APTPRouter(nn.Module):
         self.register_buffer("macs", gate_macs(layout, channel_group, self.config["tokens"], context).float())
         self.register_buffer("null", torch.zeros(text_dim))  # pooled unconditional text state (0: unknown)
         self.trained = True  # False for ``from_shares`` routers (saved in config.json)
+        # a depth gate starts further on than a width gate: it switches a whole block, so the
+        # resource gradient reaching it (the sum over the block's units) would drop blocks first
+        depth = torch.tensor([j % 3 == 2 for j in range(len(self.sizes))]).repeat_interleave(torch.tensor(self.sizes))
+        self.offsets = torch.where(depth, float(depth_offset), float(offset))
 
     @property
     def num_codes(self) -> int:
@@ -140,7 +145,7 @@ class APTPRouter(nn.Module):
         (straight-through), and a width group never loses all its units (its strongest stays, as
         the reference's non-zero width: only a depth gate removes a whole block), so training
         runs exactly what the sliced experts compute."""
-        soft = gumbel_sigmoid(logits, self.config["temperature"], self.config["offset"], noise, generator)
+        soft = gumbel_sigmoid(logits, self.config["temperature"], self.offsets, noise, generator)
         if not hard:
             return soft
         on = soft.detach() > 0.5
@@ -214,7 +219,7 @@ class APTPRouter(nn.Module):
                 parts = []
                 for j, size in enumerate(router.sizes):
                     keep = size if j % 3 == 2 else max(1, round(float(s) * size))
-                    parts.append(torch.where(torch.arange(size) < keep, 8.0, -8.0))  # +-8 + offset 2: clear-cut
+                    parts.append(torch.where(torch.arange(size) < keep, 8.0, -12.0))  # past the offsets: clear-cut
                 router.codes[k] = torch.cat(parts)
         router.trained = False
         return router
