@@ -2,9 +2,12 @@
 
 A schedule gives each block ``i`` the share ``s_i`` of tokens that skip it (block 0: 0); its mean
 over the blocks is the budget. Fitness = next-token NLL of the routed model (the shipped router,
-hard routing) on the calibration split of ``pydoc_data.topics`` (``train_ftp.text_split``: neither
+hard routing) of the generated tail (the last 20%: the eval's scored positions) on the calibration split of ``pydoc_data.topics`` (``train_ftp.text_split``: neither
 the training text nor the held-out text the perplexity eval reads). The population starts from
-the uniform schedule, depth ramps and log-normal perturbations of it; each generation keeps the
+the uniform schedule, depth ramps, two schedules that skip most where ShortGPT's block influence
+(measured on calibration text, shipped for ``shortgpt``) is lowest, and log-normal perturbations of
+the uniform one; fitness adds ``--penalty`` x the shortfall of the generated tokens' skipped share
+below the budget (a schedule must not buy quality by skipping fewer scored tokens); each generation keeps the
 best ``--elite``, and fills the rest with children of tournament-picked parents (uniform
 crossover, then log-normal noise on a few blocks), each projected back onto the budget.
 
@@ -55,11 +58,17 @@ def project(schedule: list[float], budget: float) -> list[float]:
     return s
 
 
-def initial(rng: random.Random, budget: float, L: int, size: int, spread: float) -> list[list[float]]:
+def initial(rng: random.Random, budget: float, L: int, size: int, spread: float,
+            influence: list[float] | None = None) -> list[list[float]]:
     base = uniform_schedule(budget, L)
     pop = [base,
            project([0.0] + [budget * (0.5 + i / (L - 1)) for i in range(1, L)], budget),  # more skipping deeper
            project([0.0] + [budget * (1.5 - i / (L - 1)) for i in range(1, L)], budget)]  # ... shallower
+    if influence is not None:  # more skipping where a block changes its input least (ShortGPT's BI)
+        order = sorted(range(1, L), key=lambda i: influence[i])
+        rank = {b: r / (L - 2) for r, b in enumerate(order)}
+        pop.append(project([0.0] + [budget * 2 * (1 - rank[i]) for i in range(1, L)], budget))
+        pop.append(project([0.0] + [MAX_BLOCK if rank[i] < budget * L / (L - 1) else 0.0 for i in range(1, L)], budget))
     while len(pop) < size:
         pop.append(mutate(rng, base, budget, spread, share=1.0))
     return pop[:size]
@@ -75,7 +84,7 @@ def crossover(rng: random.Random, a: list[float], b: list[float], budget: float)
 
 
 def search(fitness, rng: random.Random, budget: float, L: int, population: int, generations: int, elite: int,
-           spread: float, progress: bool, desc: str):
+           spread: float, progress: bool, desc: str, influence: list[float] | None = None):
     """(best schedule, its fitness, history of (generation, best, mean))."""
     cache: dict[tuple, float] = {}
 
@@ -88,7 +97,7 @@ def search(fitness, rng: random.Random, budget: float, L: int, population: int, 
         return cache[key]
 
     bar = tqdm(total=population + (population - elite) * (generations - 1), desc=desc, disable=not progress)
-    pop = initial(rng, budget, L, population, spread)
+    pop = initial(rng, budget, L, population, spread, influence)
     history = []
     for g in range(generations):
         scored = sorted(((score(s), s) for s in pop), key=lambda t: t[0])
@@ -120,6 +129,8 @@ def main():
     ap.add_argument("--checkpoint", default="smollm2-135m", help="router (shipped name or path)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--penalty", type=float, default=50.0,
+                    help="fitness += penalty x the shortfall of the generated tokens' skipped share below the budget")
     ap.add_argument("--out", default=OUT_DIR)
     args = ap.parse_args()
     progress = not os.environ.get("TQDM_DISABLE")
@@ -137,21 +148,32 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     log = {"command": "/work/notes/heavy .venv/bin/python evals/train/search_ftp.py " + shlex.join(sys.argv[1:]),
            "args": vars(args), "calibration_blocks": len(calib), "budgets": {}}
+    from tokenprune.methods.shortgpt import shipped_scores
+
+    influence = shipped_scores("smollm2-135m")
     with soft:
         dense = routed_nll(model, soft, calib, [0.0] * L)
         for budget in args.budgets:
             t1 = time.time()
             rng = random.Random(args.seed)
-            best, fit, history, uniform = search(lambda s: routed_nll(model, soft, calib, s), rng, budget, L,
-                                                 args.population, args.generations, args.elite, args.spread,
-                                                 progress, f"search {budget}")
+            def fitness(schedule):
+                nll, share = routed_nll(model, soft, calib, schedule, share=True)
+                shares[tuple(schedule)] = share
+                return nll + args.penalty * max(0.0, budget - share)
+
+            shares = {}
+            best, fit, history, uniform = search(fitness, rng, budget, L, args.population, args.generations,
+                                                 args.elite, args.spread, progress, f"search {budget}", influence)
             config = {"name": "ftp", "sparsity": budget, "schedule": best, "checkpoint": args.checkpoint}
             tp.build_pruner(**config)  # the shipped config must load
             with open(os.path.join(args.out, f"ftp-{budget:g}.json"), "w") as f:
                 json.dump(config, f, indent=1)
-            log["budgets"][f"{budget:g}"] = dict(schedule=best, nll=fit, uniform_nll=uniform, dense_nll=dense,
+            log["budgets"][f"{budget:g}"] = dict(schedule=best, fitness=fit, uniform_fitness=uniform, dense_nll=dense,
+                                                 generated_share=shares[tuple(best)],
+                                                 uniform_generated_share=shares.get(tuple(uniform_schedule(budget, L))),
                                                  history=history, seconds=time.time() - t1)
-            print(f"budget {budget}: calibration NLL {fit:.4f} (uniform {uniform:.4f}, dense {dense:.4f}) "
+            print(f"budget {budget}: fitness {fit:.4f} (uniform {uniform:.4f}, dense NLL {dense:.4f}), generated "
+                  f"tokens' skipped share {shares[tuple(best)]:.3f} "
                   f"in {time.time() - t1:.0f} s", flush=True)
     schedules_path = os.path.join(args.out, "schedules.json")
     shipped = json.load(open(schedules_path)) if os.path.isfile(schedules_path) else {}

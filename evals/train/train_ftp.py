@@ -47,7 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 import tokenprune as tp  # noqa: E402
-from tokenprune.methods.ftp import Router, features  # noqa: E402
+from tokenprune.methods.ftp import Router, features, load_router  # noqa: E402
 
 OUT_DIR = os.path.join(REPO, "tokenprune", "zoo", "weights", "smollm2-135m", "ftp")
 CALIBRATION_EVERY = 6
@@ -121,6 +121,7 @@ class SoftRouting:
     def reset(self):
         self.records, self.keep_rates, self._prev, self._gate = [], [], None, None
         self.generated_logits = []
+        self.generated_skips = [0, 0]  # (generated token-blocks skipped, generated tokens x blocks)
 
     @torch.no_grad()
     def sink_share(self, i: int) -> torch.Tensor:
@@ -181,6 +182,7 @@ class SoftRouting:
             # sparsity loss sets their share over all blocks, the router where; calibrated after training)
             skip |= generated & (logit.detach() < self.router.threshold(s))
         self.generated_logits.append(logit.detach()[generated])
+        self.generated_skips[0] += int((skip & generated).sum())
         soft = torch.sigmoid(logit)
         gate = torch.where(routed, (~skip).float() + soft - soft.detach(), torch.ones_like(soft))
         thr = (logit > 0).float() + soft - soft.detach()
@@ -215,32 +217,46 @@ class SoftRouting:
         return sparsity, guide
 
 
-THRESHOLD_GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+THRESHOLD_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 
 
 @torch.no_grad()
 def calibrate_thresholds(model, router: Router, blocks: torch.Tensor, context: int = EVAL_CONTEXT,
-                         passes: int = 2, progress: bool = False) -> tuple[list, list]:
+                         steps: int = 5, progress: bool = False) -> tuple[list, list]:
     """``Router.thresholds`` and ``Router.static_thresholds``: for each block sparsity ``s`` of
-    THRESHOLD_GRID, the keep score below which the share ``s`` of the generated tokens falls.
+    THRESHOLD_GRID, the keep score below which generated tokens skip so that the share ``s`` of
+    their block computations is skipped.
 
-    Measured where the eval scores: through the library (``tp.pruning``, uniform schedule at ``s``)
+    Measured where the eval scores: through the library (``tp.pruning``, every block >= 1 at ``s``)
     on ``blocks`` whose tokens after ``context`` are marked generated, as PerplexityTask marks its
-    scored tokens (``blocks``: training text only). ``passes`` rounds, since a generated token's
-    features depend on the earlier blocks' decisions, which depend on the thresholds. Static rule:
-    the keep score is minus the sink share (the most idle generated tokens skip)."""
+    scored tokens (``blocks``: training text only). A token's score depends on whether it skipped
+    the blocks before (its attention comes from an older state), so the share a cut realises is
+    measured, not predicted: bisection over the quantiles of the scores without skipping, ``steps``
+    runs per sparsity; the table is then made non-decreasing in ``s``. Static rule: the keep score
+    is minus the sink share."""
     from tokenprune.methods.ftp import FTP
 
+    L = model.config.num_hidden_layers
     seg = torch.full(blocks[:1].shape, int(tp.Segment.TEXT))
     seg[:, context:] = int(tp.Segment.GENERATED)
-    bar = tqdm(total=2 * passes * len(THRESHOLD_GRID) * len(blocks), desc="calibrate thresholds", disable=not progress)
+    bar = tqdm(total=2 * (steps + 1) * len(THRESHOLD_GRID) * len(blocks), desc="calibrate thresholds",
+               disable=not progress)
+    tables = {}
     for static in (False, True):
-        for _ in range(passes):
-            table = []
-            for s in THRESHOLD_GRID:
-                pruner = FTP(sparsity=s, checkpoint=None, static=static)
-                pruner.router, seen = router, []
-                score = pruner.scores
+        tables[static] = []
+        for s in THRESHOLD_GRID:
+            pruner = FTP(sparsity=s * (L - 1) / L, checkpoint=None, static=static)  # s in every block >= 1
+            pruner.router = router
+            score = pruner.scores
+
+            def realised(cut):
+                """(share of generated token-blocks skipped, their scores) under the cut (None: none skip)."""
+                table = [] if cut is None else [(0.0, cut)]
+                if static:
+                    router.static_thresholds = table
+                else:
+                    router.thresholds = table or [(0.0, float("-inf"))]
+                seen = []
 
                 def record(state, sparsity, prompt, positions):
                     out = score(state, sparsity, prompt, positions)
@@ -253,11 +269,24 @@ def calibrate_thresholds(model, router: Router, blocks: torch.Tensor, context: i
                         with handle.segments(seg):
                             model(x, use_cache=False)
                         bar.update(1)
-                table.append((s, round(float(torch.cat(seen).quantile(s)), 6)))
-            if static:
-                router.static_thresholds = table
-            else:
-                router.thresholds = table
+                scores = torch.cat(seen)
+                return (0.0 if cut is None else float((scores < cut).float().mean())), scores
+
+            _, base = realised(None)
+            lo, hi, best = 0.0, 1.0, None
+            level = s
+            for _ in range(steps):
+                cut = float(base.quantile(level))
+                got, _ = realised(cut)
+                if best is None or abs(got - s) < abs(best[1] - s):
+                    best = (cut, got)
+                lo, hi = (level, hi) if got < s else (lo, level)
+                level = (lo + hi) / 2
+            tables[static].append((s, round(best[0], 6)))
+        for k in range(1, len(tables[static])):  # non-decreasing: more sparsity never skips fewer
+            x, y = tables[static][k]
+            tables[static][k] = (x, max(y, tables[static][k - 1][1]))
+    router.thresholds, router.static_thresholds = tables[False], tables[True]
     bar.close()
     return router.thresholds, router.static_thresholds
 
@@ -304,15 +333,21 @@ def kl_loss(student_logits, teacher_logits):
 
 
 @torch.no_grad()
-def routed_nll(model, soft: SoftRouting, blocks: torch.Tensor, schedule: list[float]) -> float:
-    """Mean next-token NLL of the routed model (hard routing through the training hooks)."""
+def routed_nll(model, soft: SoftRouting, blocks: torch.Tensor, schedule: list[float], share: bool = False):
+    """Mean next-token NLL of the routed model's generated tail (hard routing through the training
+    hooks; generated tokens by the router's calibrated thresholds): the eval's scored tokens.
+    ``share``: also return the share of the generated tokens' block computations skipped."""
     soft.schedule = schedule
-    total, count = 0.0, 0
+    total, count, skipped = 0.0, 0, 0
     for x in blocks.split(1):
         soft.reset()
-        logits = model(x, use_cache=False).logits[:, :-1].float()
-        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-        count += x.shape[1] - 1
+        start = x.shape[1] - round(soft.generated * x.shape[1]) if soft.generated > 0 else 1
+        logits = model(x, use_cache=False).logits[:, start - 1:-1].float()
+        total += F.cross_entropy(logits.flatten(0, 1), x[:, start:].flatten(), reduction="sum").item()
+        count += x.shape[1] - start
+        skipped += soft.generated_skips[0]
+    if share:
+        return total / count, skipped / (count * len(schedule))
     return total / count
 
 
@@ -351,6 +386,8 @@ def eval_table(rows) -> str:
 def write_card(out, args, m):
     held = eval_table(m["eval"]) if m.get("eval") else "(no held-out evaluation in this run: `--eval-limit 0`)"
     calib = eval_table(m["calib_eval"]) if m.get("calib_eval") else "(none: `--calib-blocks 0`)"
+    recalibrated = (f"Thresholds and checks redone without training ({m['calibrate_total_seconds'] / 60:.1f} min):\n"
+                    f"```\n{m['calibrate_command']}\n```\n") if m.get("calibrate_command") else ""
     text = f"""# FTP router for SmolLM2-135M
 
 The learned part of `tokenprune`'s FTP (`tokenprune/methods/ftp.py`): one MLP (4 inputs -> {args.hidden} -> {args.hidden} -> 1,
@@ -390,8 +427,10 @@ Final (mean of the last 20 steps): KL {m['final_kl']:.4f}, sparsity loss {m['fin
 A generated token (at a decode step, or a scored token in the eval) is routed alone: it skips a block
 when its keep score is below the threshold of the block's sparsity. Calibrated after training where the
 eval scores: {args.threshold_blocks} training block(s) of {args.length} tokens, the last {args.generated:.0%} marked generated, through the library,
-uniform schedule at each sparsity of {list(THRESHOLD_GRID)}, the keep-score quantile at that share (two passes).
+every block >= 1 at each sparsity of {list(THRESHOLD_GRID)}: the cut whose realised share of skipped generated
+token-blocks is closest to the target (bisection, 5 runs per sparsity), made non-decreasing in the sparsity.
 Router (logit): {m['thresholds']}. Static rule (minus the sink share): {m['static_thresholds']}.
+{recalibrated}
 
 ## Checks (through the library: 512 context + 128 scored tokens, every block >= 1 routed, uniform schedule)
 Calibration split ({m['calib_blocks']} blocks):
@@ -435,6 +474,8 @@ def main(argv=None, loaded=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=OUT_DIR)
+    ap.add_argument("--calibrate-only", action="store_true",
+                    help="no training: recalibrate the thresholds of the router in --out and redo the checks")
     args = ap.parse_args(argv)
     progress = not os.environ.get("TQDM_DISABLE")
     t0 = time.time()
@@ -443,10 +484,51 @@ def main(argv=None, loaded=None):
     torch.set_num_threads(args.threads)
     model, tok = loaded or tp.zoo.load("smollm2-135m")
     model.requires_grad_(False).eval()
+    command = "/work/notes/heavy .venv/bin/python evals/train/train_ftp.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    path = os.path.join(args.out, "ftp.safetensors")
+    if args.calibrate_only:  # the trained router in --out, its training run's settings
+        trained = json.load(open(os.path.join(args.out, "metrics.json")))
+        args = argparse.Namespace(**{**trained["args"], "threads": args.threads, "out": args.out,
+                                     "calib_blocks": args.calib_blocks, "eval_limit": args.eval_limit,
+                                     "threshold_blocks": args.threshold_blocks, "calibrate_only": True})
+        torch.manual_seed(args.seed)
+        rng = random.Random(args.seed)
     L = model.config.num_hidden_layers
     split = text_split(tok)
     train = token_blocks(tok, split["train"], args.length)
     calib = token_blocks(tok, split["calibration"], EVAL_BLOCK)[: args.calib_blocks]
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    if args.calibrate_only:
+        router = load_router(path)
+        m = {k: v for k, v in trained.items() if k not in ("calib_eval", "eval")}
+        m["calibrate_command"] = command
+    else:
+        router, m = train_router(args, model, rng, train, order, progress)
+        m["command"] = command
+    t1 = time.time()
+    # training blocks, generated tail as in training (by default the eval's positions: 512 + 128)
+    calibrate_thresholds(model, router, train[torch.tensor(order[:args.threshold_blocks])],
+                         context=args.length - round(args.generated * args.length), progress=progress)
+    os.makedirs(args.out, exist_ok=True)
+    router.save(path, trained_on="smollm2-135m", steps=m["steps_done"], seed=args.seed)
+    budgets = [0.2, 0.3, 0.4]
+    calib_eval = library_eval(model, tok, path, budgets, len(calib), progress, token_ids=calib) if len(calib) else []
+    results = library_eval(model, tok, path, budgets, args.eval_limit, progress) if args.eval_limit else []
+    m.update(parameters=sum(p.numel() for p in router.parameters()), file_bytes=os.path.getsize(path),
+             split={k: len(v) for k, v in split.items()}, train_blocks=len(train), calib_blocks=len(calib),
+             thresholds=router.thresholds, static_thresholds=router.static_thresholds, calib_eval=calib_eval,
+             eval=results, calibrate_seconds=time.time() - t1, args=vars(args))
+    m["total_seconds" if not args.calibrate_only else "calibrate_total_seconds"] = time.time() - t0
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    write_card(args.out, args, m)
+    print(json.dumps({k: v for k, v in m.items() if k not in ("args", "log")}, indent=1))
+
+
+def train_router(args, model, rng, train, order, progress):
+    """The training loop: (router, metrics of the run)."""
+    L = model.config.num_hidden_layers
     router = Router(args.hidden, num_layers=L, hidden_size=model.config.hidden_size, heads=args.heads)
     if args.init == "static":
         init_static(router)
@@ -454,8 +536,6 @@ def main(argv=None, loaded=None):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     soft = SoftRouting(model, router, generated=args.generated)
-    order = list(range(len(train)))
-    rng.shuffle(order)
     log = []
     # distil where the model's outputs are used: the generated tail's next-token predictions (and
     # the last prompt token's); a prompt token's own prediction is never read, only its keys / values
@@ -483,30 +563,12 @@ def main(argv=None, loaded=None):
         bar.set_postfix(kl=f"{kl.item():.3f}", sp=f"{sparsity.item():.4f}", guide=f"{guide.item():.3f}", s=f"{total:.2f}")
         if time.time() - t1 > args.max_minutes * 60:
             break
-    train_seconds = time.time() - t1
     router.eval().requires_grad_(False)
-    # training blocks, generated tail as in training (by default the eval's positions: 512 + 128)
-    calibrate_thresholds(model, router, train[torch.tensor(order[:args.threshold_blocks])],
-                         context=args.length - round(args.generated * args.length), progress=progress)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "ftp.safetensors")
-    router.save(path, trained_on="smollm2-135m", steps=len(log), seed=args.seed)
-
-    budgets = [0.2, 0.3, 0.4]
-    calib_eval = library_eval(model, tok, path, budgets, len(calib), progress, token_ids=calib) if len(calib) else []
-    results = library_eval(model, tok, path, budgets, args.eval_limit, progress) if args.eval_limit else []
     tail = log[-20:]
-    m = dict(command="/work/notes/heavy .venv/bin/python evals/train/train_ftp.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-             parameters=sum(p.numel() for p in router.parameters()), file_bytes=os.path.getsize(path),
-             split={k: len(v) for k, v in split.items()}, train_blocks=len(train), calib_blocks=len(calib),
-             steps_done=len(log), train_seconds=train_seconds, thresholds=router.thresholds, total_seconds=time.time() - t0,
-             final_kl=sum(a for a, _, _ in tail) / len(tail), final_sparsity=sum(b for _, b, _ in tail) / len(tail),
-             final_guide=sum(c for _, _, c in tail) / len(tail), static_thresholds=router.static_thresholds, calib_eval=calib_eval,
-             eval=results, log=log, args=vars(args))
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(m, f, indent=1)
-    write_card(args.out, args, m)
-    print(json.dumps({k: v for k, v in m.items() if k not in ("args", "log")}, indent=1))
+    return router, dict(steps_done=len(log), train_seconds=time.time() - t1, log=log,
+                        final_kl=sum(a for a, _, _ in tail) / len(tail),
+                        final_sparsity=sum(b for _, b, _ in tail) / len(tail),
+                        final_guide=sum(c for _, _, c in tail) / len(tail))
 
 
 if __name__ == "__main__":
