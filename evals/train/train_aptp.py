@@ -256,7 +256,7 @@ def train(args, t2i, pipe, log):
         resource = (noisy.mean() / args.budget).log().abs() + (r / args.budget).log().abs()
         # the reference's std and max losses (on noise-free soft shares: the noise would make them
         # push random draws apart instead of prompts): sizes may differ, some prompt keeps much
-        spread = -clean.std() if B > 1 else torch.zeros(())
+        spread = -clean.std() if B > 1 and bool(clean.detach().std() > 0) else torch.zeros(())  # 0 / 0 grad
         widest = 1 - clean.max()
         loss = (args.w_denoise * denoise + args.w_distill * distill + args.w_resource * resource
                 + args.w_std * spread + args.w_max * widest + args.w_contrast * contrast)
