@@ -1,10 +1,12 @@
-"""The FTP side-by-side table (``results/smollm2-ftp/table.md``) from ``tokenprune eval``'s results.json.
+"""The FTP side-by-side table (``results/smollm2-ftp/table.md``) from ``tokenprune eval``'s results.json,
+and (``--time``) the routing overhead of ``ftp`` on a 512-token SmolLM2-135M prefill.
 
 One row per (sparsity, method), with the realised share of the scored tokens' token-block
 computations skipped (``scored_skipped``): a row whose scored tokens skip less than the target
 spends more FLOPs where the perplexity is measured, so compare rows at equal FLOPs.
 
     .venv/bin/python -m evals.ftp_report results/smollm2-ftp
+    /work/notes/heavy-all .venv/bin/python -m evals.ftp_report --time   # alone on the machine, 2 threads
 """
 from __future__ import annotations
 
@@ -16,16 +18,64 @@ import sys
 def table(rows: list[dict]) -> str:
     lines = ["| sparsity | method | perplexity | next-token agreement | FLOPs rel. | scored tokens' blocks skipped "
              "| KV rel. | prefill time rel. |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["status"] != "ok":
-            continue
-        s = (r.get("config") or {}).get("sparsity", 0.0)
+    rows = [r for r in rows if r["status"] == "ok"]
+    sparsity = [(r.get("config") or {}).get("sparsity", 0.0) for r in rows]
+    for s, r in sorted(zip(sparsity, rows), key=lambda t: t[0]):  # by sparsity, methods in run order
         lines.append(f"| {s:g} | {r['label']} | {r['quality']:.2f} | {r['agreement']:.3f} | {r['flops_rel']:.3f} | "
                      f"{r.get('scored_skipped', 0.0):.3f} | {r['kv_rel']:.3f} | {r['latency_rel']:.2f} |")
     return "\n".join(lines)
 
 
+def time_routing(threads: int = 2, repeats: int = 7) -> None:
+    """Prefill time of ``ftp`` relative to dense (median of ``repeats``, dense timed before and after
+    each config): routing only (sparsity 1e-4: every select runs, nothing skips), the sink share on
+    the router's head vs all heads, and at sparsity 0.3 next to skip-random (no features)."""
+    import time
+
+    import torch
+
+    import tokenprune as tp
+
+    torch.set_num_threads(threads)
+    model, _ = tp.zoo.load("smollm2-135m")
+    ids = torch.randint(100, 20000, (1, 512), generator=torch.Generator().manual_seed(0))
+
+    def median(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    configs = [("ftp, routing only", dict(sparsity=1e-4), False), ("ftp static rule, routing only",
+               dict(sparsity=1e-4, static=True), False), ("ftp, routing only, all heads", dict(sparsity=1e-4), True),
+               ("ftp 0.3", dict(sparsity=0.3), False), ("ftp 0.3, all heads", dict(sparsity=0.3), True),
+               ("skip-random 0.3", None, False)]
+    with torch.no_grad():
+        for label, config, all_heads in configs:
+            pruner = tp.build_pruner("ftp", **config) if config else tp.build_pruner("skip-random", sparsity=0.3)
+            heads = pruner.router.heads if config else None
+            if all_heads:
+                pruner.router.heads = None
+            try:
+                before = median(lambda: model(ids))
+                with tp.pruning(model, pruner) as handle:
+                    routed = median(lambda: model(ids))
+                    flops = handle.stats.flops_ratio
+                after = median(lambda: model(ids))
+            finally:
+                if config:
+                    pruner.router.heads = heads
+            dense = (before + after) / 2
+            print(f"{label}: prefill time rel. dense {routed / dense:.4f} (dense {dense * 1000:.0f} ms), "
+                  f"FLOPs rel. {flops:.3f}", flush=True)
+
+
 def main(folder: str = "results/smollm2-ftp") -> None:
+    if folder == "--time":
+        return time_routing()
     data = json.load(open(os.path.join(folder, "results.json")))
     text = f"`{data['meta']['command']}`\n\n" + table(data["rows"]) + "\n"
     with open(os.path.join(folder, "table.md"), "w") as f:

@@ -409,7 +409,7 @@ eval reads (`tokenprune eval --model smollm2-135m`). Of the other {m['split']['t
 {m['command']}
 ```
 Base model frozen (fp32). The router starts at the static attention-rank rule (`--init {args.init}`: its
-logit decreases with the rank input, other weights a tenth of a random init). {m['steps_done']} steps (of {args.steps} planned; `--max-minutes {args.max_minutes}`), one
+logit decreases with rank + sink share, other weights a tenth of a random init). {m['steps_done']} steps (of {args.steps} planned; `--max-minutes {args.max_minutes}`), one
 {args.length}-token block per step; total sparsity uniform in [{args.min_sparsity}, {args.max_sparsity}], per-block
 sparsities log-normal (sigma {args.spread}) around the uniform schedule; the last {args.generated:.0%} of each block is
 routed as generated tokens (logit < 0 skips), the rest as the prompt (top-k). Hard routing in the forward,
