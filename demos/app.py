@@ -25,6 +25,7 @@ import torch
 
 import tokenprune as tp
 from tokenprune.evals import compare
+from tokenprune.evals.runner import BUDGET_FREE, budget_field
 
 log = logging.getLogger("tokenprune.app")
 _REQUESTS = itertools.count(1)  # numbers each finished request, so a page can tell a new result from the last
@@ -382,13 +383,18 @@ def run_t2i(prompt, method, budget, steps, seed):
         loaded = get_model("tiny-t2i")
         if budget is None or budget == "":
             raise tp.TokenPruneError("the budget is empty: give a number in [0, 1]")
-        field = "ratio" if "ratio" in compare.config_fields(method) else "keep_ratio"
-        pruner = tp.build_pruner(method, **{**compare.method_defaults(loaded, method), field: float(budget)})
+        config = compare.method_defaults(loaded, method)
+        if method not in BUDGET_FREE:  # APTP's router picks the size per prompt: no budget to set
+            config[budget_field(method)] = float(budget)
+        pruner = tp.build_pruner(method, **config)
         r = compare.compare_t2i(loaded.model, loaded.processor, pruner, prompt, int(steps or 25), int(seed or 0))
     except Exception as e:  # noqa: BLE001
         return (error_text(e), *empty)
+    codes, shares = r["stats"].get("codes"), getattr(pruner, "code_shares", None)
+    routed = (f" The router sent this prompt to code {codes[-1]}, which keeps {shares()[codes[-1]]:.2f} of the "
+              f"transformer blocks' MACs." if codes and shares else "")
     status = done(f"**{r['pruner']['name']}**: the judge reads the dense image as *{r['dense_reads']}* and the "
-                  f"pruned one as *{r['pruned_reads']}*.") + "\n\n" + stats_table(r).replace(
+                  f"pruned one as *{r['pruned_reads']}*.{routed}") + "\n\n" + stats_table(r).replace(
         "FLOPs (transformer layers)", "FLOPs of one U-Net call (a denoising step)").replace(
         "tokens entering the last layer", "tokens entering the last attention block")
     big = lambda im: im.resize((im.width * 6, im.height * 6), 0)  # noqa: E731  (0: nearest; 32 px is tiny)
@@ -400,8 +406,8 @@ def t2i_tab(methods):
 
     gr.Markdown("tiny-t2i: a small diffusers pipeline (U-Net + MiniLM text encoder) trained here on easy-vqa "
                 "shapes, 32x32 images; a small CNN judge reads each image's color and shape. ToMe-SD merges "
-                "tokens inside the U-Net's attention blocks and unmerges them after. APTP (per-prompt pruned "
-                "architectures) is not in tokenprune yet.")
+                "tokens inside the U-Net's attention blocks and unmerges them after; unet-static keeps the same "
+                "heads and channels for every prompt; APTP's router picks one of its pruned U-Nets per prompt.")
     with gr.Row():
         with gr.Column(scale=2):
             prompt = gr.Dropdown(all_prompts(), value="a red circle", allow_custom_value=True, label="Prompt",
@@ -410,7 +416,8 @@ def t2i_tab(methods):
             seed = gr.Number(0, label="Seed", precision=0, elem_id="t2i-seed")
         with gr.Column(scale=2):
             method = gr.Dropdown(methods, value="tome-sd", label="Method", elem_id="t2i-method")
-            budget = gr.Number(0.5, label="Budget: tome-sd's ratio (share of tokens merged); others: keep ratio",
+            budget = gr.Number(0.5, label="Budget: tome-sd's ratio (share of tokens merged); unet-static's keep; others: keep ratio; "
+                               "APTP: none (its router decides)",
                                elem_id="t2i-budget")
             go = gr.Button("Generate dense and pruned", variant="primary", elem_id="t2i-run")
     status = gr.Markdown(elem_id="t2i-status")

@@ -109,6 +109,17 @@ def test_t2i_tab_generates_both_images_and_reads_them():
     assert status.startswith("**Error:** prompt 'a dog' must name exactly one of")
 
 
+def test_t2i_tab_runs_the_width_methods_with_their_own_budget():
+    import tokenprune as tp
+
+    status, dense, pruned = app.run_t2i("a red circle", "unet-static", 0.5, 4, 0)  # its budget field is `keep`
+    assert "**unet-static**" in status and dense.size == pruned.size, status
+    status, dense, pruned = app.run_t2i("a red circle", "aptp", 0.5, 4, 0)  # no budget: the router decides
+    code = tp.build_pruner("aptp").route(*app.get_model("tiny-t2i").model.encode_prompt(["a red circle"], False))
+    share = tp.build_pruner("aptp").code_shares()[int(code[0])]
+    assert f"The router sent this prompt to code {int(code[0])}, which keeps {share:.2f}" in status, status
+
+
 def test_app_serves_on_the_port_flag_and_prints_its_url():
     port = free_port()
     # --port wins over the variable
