@@ -7,6 +7,7 @@ spends more FLOPs where the perplexity is measured, so compare rows at equal FLO
 
     .venv/bin/python -m evals.ftp_report results/smollm2-ftp
     /work/notes/heavy-all .venv/bin/python -m evals.ftp_report --time   # alone on the machine, 2 threads
+    /work/notes/heavy .venv/bin/python -m evals.ftp_report --time 1     # one core of a shared machine
 """
 from __future__ import annotations
 
@@ -73,9 +74,9 @@ def time_routing(threads: int = 2, repeats: int = 7) -> None:
                   f"FLOPs rel. {flops:.3f}", flush=True)
 
 
-def main(folder: str = "results/smollm2-ftp") -> None:
-    if folder == "--time":
-        return time_routing()
+def main(folder: str = "results/smollm2-ftp", threads: str = "2") -> None:
+    if folder == "--time":  # --time [threads]
+        return time_routing(int(threads))
     data = json.load(open(os.path.join(folder, "results.json")))
     text = f"`{data['meta']['command']}`\n\n" + table(data["rows"]) + "\n"
     with open(os.path.join(folder, "table.md"), "w") as f:
