@@ -97,11 +97,15 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, visible: tor
 def attention_mass(q: torch.Tensor, k: torch.Tensor, scale: float, visible: torch.Tensor,
                    on: torch.Tensor) -> torch.Tensor:
     """(B, H, q): the softmax(q k^T * scale) mass on the keys ``on`` (B, n), in float32, through
-    SDPA with a 0 / 1 value column: no (q, n) matrix is materialised. Rows that see no key: 0."""
+    SDPA with a 0 / 1 value column: no (q, n) matrix is materialised. Rows that see no key: 0.
+    The value is zero-padded to the head width: a one-column value sends the CPU SDPA to its
+    unfused path (a (q, n) matrix again), about twice as slow."""
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     B, H = q.shape[:2]
-    v = on.float()[:, None, :, None].expand(B, H, -1, 1)
+    v = torch.zeros(B, 1, k.shape[2], q.shape[-1], device=q.device)
+    v[..., 0] = on.float()[:, None, :]
+    v = v.expand(B, H, -1, -1)
     visible = visible.expand(B, H, *visible.shape[2:])
     out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v, attn_mask=visible, scale=scale)[..., 0]
     return out.masked_fill_(~visible.any(-1), 0.0)
