@@ -1,6 +1,6 @@
 """ToMe-SD speed on a Stable-Diffusion-shaped U-Net with random weights (no weights are downloaded).
 
-    flock /tmp/tp-heavy.lock .venv/bin/python -m tokenprune.evals.bench_unet --json results/bench_unet_cpu.json
+    .venv/bin/python -m tokenprune.evals.bench_unet --json results/bench_unet_cpu.json
 
 Seconds per denoising step (one U-Net forward on the classifier-free-guidance batch of one
 prompt: 2 rows) for dense, tokenprune's ``tome-sd`` and the ``tomesd`` package at each merge
@@ -10,7 +10,7 @@ at ``--latent`` (default 32x32, what this CPU can run in minutes); ``--flops-lat
 exact FLOPs at the real 64x64 latent. Both implementations use tomesd's defaults
 (``max_downsample=1``: only the highest-resolution blocks, self-attention only).
 
-    /work/notes/heavy-all .venv/bin/python -m tokenprune.evals.bench_unet --widths --shape sd21 --latent 32 \
+    .venv/bin/python -m tokenprune.evals.bench_unet --widths --shape sd21 --latent 32 \
         --flops-latent 64 --ratios 0.5 --shares 0.75 0.5 0.25 --repeats 3 --json results/bench_unet_widths_cpu.json
 
 ``--widths``: APTP's experts through the real code path. No trained router fits a random
@@ -164,7 +164,7 @@ def main(argv=None):
         lines.append(f"| {r['config']} | {r['s_per_step']:.3f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
                      f"| {r['flops'] / dense['flops']:.3f} | {r['max_abs_diff_to_dense']:.3g} |")
     print("\n".join(lines))
-    meta = dict(command="flock /tmp/tp-heavy.lock .venv/bin/python -m tokenprune.evals.bench_unet "
+    meta = dict(command=".venv/bin/python -m tokenprune.evals.bench_unet "
                 + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                 shape=args.shape, unet_config={**COMMON, **SHAPES[args.shape]}, latent=args.latent, batch_rows=2,
                 threads=args.threads, repeats=args.repeats, weights="random (torch.manual_seed(0))", commit=git_commit(),
@@ -329,7 +329,7 @@ def bench_widths(args, argv):
     print("APTP router: UNTRAINED (APTPRouter.from_shares + least-squares heads so prompt k routes to code k): "
           "timing only, its experts say nothing about image quality")
     print_width_table(out, args.flops_latent)
-    meta = dict(command="/work/notes/heavy-all .venv/bin/python -m tokenprune.evals.bench_unet "
+    meta = dict(command=".venv/bin/python -m tokenprune.evals.bench_unet "
                 + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                 shape=args.shape, unet_config={**COMMON, **SHAPES[args.shape]}, latent=args.latent,
                 flops_latent=args.flops_latent or None, device=device.type, dtype=str(dtype), threads=args.threads,
@@ -342,7 +342,7 @@ def bench_widths(args, argv):
                 router="UNTRAINED: APTPRouter.from_shares (code k keeps the first ~shares[k] of every block's heads "
                        "and feed-forward channel groups), output heads set by least squares so that prompt k's "
                        "random text states route to code k, null state = the unconditional rows'; timing only",
-                note="wall-clock on a shared 2-core machine (held alone through /work/notes/heavy-all; other "
+                note="wall-clock on a shared 2-core machine (run with nothing else scheduled; other "
                      "developers' tests may still have run at the same time)")
     if args.json:
         with open(args.json, "w") as f:

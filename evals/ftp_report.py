@@ -6,8 +6,8 @@ computations skipped (``scored_skipped``): a row whose scored tokens skip less t
 spends more FLOPs where the perplexity is measured, so compare rows at equal FLOPs.
 
     .venv/bin/python -m evals.ftp_report results/smollm2-ftp
-    /work/notes/heavy-all .venv/bin/python -m evals.ftp_report --time   # alone on the machine, 2 threads
-    /work/notes/heavy .venv/bin/python -m evals.ftp_report --time 1     # one core of a shared machine
+    .venv/bin/python -m evals.ftp_report --time   # alone on the machine, 2 threads
+    .venv/bin/python -m evals.ftp_report --time 1     # one core of a shared machine
 """
 from __future__ import annotations
 

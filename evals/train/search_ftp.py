@@ -15,7 +15,7 @@ Writes, per budget, ``ftp-<budget>.json`` (``tp.build_pruner(**json.load(f))``) 
 ``search.json`` to ``--out``; ``schedules.json`` collects the schedules ``ftp(schedule="searched")``
 loads.
 
-    /work/notes/heavy .venv/bin/python evals/train/search_ftp.py --threads 1
+    .venv/bin/python evals/train/search_ftp.py --threads 1
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def main():
     if not router.thresholds:
         raise SystemExit(f"{path} has no generated-token thresholds: train it with evals/train/train_ftp.py")
     os.makedirs(args.out, exist_ok=True)
-    log = {"command": "/work/notes/heavy .venv/bin/python evals/train/search_ftp.py " + shlex.join(sys.argv[1:]),
+    log = {"command": ".venv/bin/python evals/train/search_ftp.py " + shlex.join(sys.argv[1:]),
            "args": vars(args), "calibration_blocks": len(calib), "budgets": {}}
     from tokenprune.methods.shortgpt import shipped_scores
 

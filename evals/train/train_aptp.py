@@ -1,6 +1,6 @@
 """Train APTP's router and architecture codes for ``tiny-t2i``; write them with a model card.
 
-    /work/notes/heavy .venv/bin/python evals/train/train_aptp.py --threads 1
+    .venv/bin/python evals/train/train_aptp.py --threads 1
 
 Frozen: the MiniLM text encoder and the dense tiny-t2i U-Net (the teacher). Trained: the
 hypernetwork (Bi-GRU over the prompt's token states -> one logit per gate) and ``K``

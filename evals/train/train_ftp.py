@@ -26,7 +26,7 @@ gate's, ``sigmoid(logit)`` (straight-through). Losses:
 
 Writes ``ftp.safetensors``, ``metrics.json`` and a model card (``README.md``) to ``--out``.
 
-    /work/notes/heavy .venv/bin/python evals/train/train_ftp.py --threads 1
+    .venv/bin/python evals/train/train_ftp.py --threads 1
 """
 from __future__ import annotations
 
@@ -420,7 +420,7 @@ constraint on the generated tokens' share over all blocks + guide ({args.guide_w
 attention-rank router's prompt choice, decaying to 0 over the first
 {args.guide_share:.0%} of the steps). AdamW lr {args.lr}, seed {args.seed}, {args.threads} thread(s).
 **Time: {m['train_seconds'] / 60:.1f} min training ({m['total_seconds'] / 60:.1f} min in all, model load, calibration
-and the checks below included)** on a 2-core CPU, one core (`/work/notes/heavy`; other developers' jobs ran at the same time).
+and the checks below included)** on a 2-core CPU, one core (other developers' jobs ran at the same time on the other core).
 Final (mean of the last 20 steps): KL {m['final_kl']:.4f}, sparsity loss {m['final_sparsity']:.5f}, guide {m['final_guide']:.4f}.
 
 ## Generated tokens' thresholds
@@ -484,7 +484,7 @@ def main(argv=None, loaded=None):
     torch.set_num_threads(args.threads)
     model, tok = loaded or tp.zoo.load("smollm2-135m")
     model.requires_grad_(False).eval()
-    command = "/work/notes/heavy .venv/bin/python evals/train/train_ftp.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ".venv/bin/python evals/train/train_ftp.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     path = os.path.join(args.out, "ftp.safetensors")
     if args.calibrate_only:  # the trained router in --out, its training run's settings
         trained = json.load(open(os.path.join(args.out, "metrics.json")))
