@@ -121,6 +121,12 @@ def refuse_retired_cache(*args, **kwargs):
     raise TokenPruneError("this KV cache was filled under a pruner that has been removed; " + CACHE_RULE)
 
 
+def key_heads(heads, num_heads: int, num_kv_heads: int) -> list[int]:
+    """The key / value head each of the query ``heads`` reads (grouped-query attention)."""
+    group = num_heads // num_kv_heads
+    return [h // group for h in heads]
+
+
 class CacheOp:
     """``reorder_cache`` / ``batch_repeat_interleave`` / ``batch_select_indices`` / ``crop`` of a
     cache filled under pruning (instance attributes, installed at its prefill).
@@ -771,7 +777,7 @@ class DecoderAdapter(HookedAdapter):
             keys = cache.layers[li].keys
             K = keys.shape[2]
             if heads is not None:  # the key heads these query heads read
-                keys = keys[:, [h // (all_heads // keys.shape[1]) for h in heads]]
+                keys = keys[:, key_heads(heads, all_heads, keys.shape[1])]
         if li in req.key_index:
             kindex, kvalid = req.key_index[li], req.key_valid[li]
         else:
@@ -824,8 +830,7 @@ class DecoderAdapter(HookedAdapter):
             q = attn.q_proj(x if every_row else gather_rows(x, query_slots)).view(B, query_slots.shape[1], -1, hd)
             k = attn.k_proj(x).view(B, n, -1, hd)
         if heads is not None:
-            group = q.shape[2] // k.shape[2]  # grouped-query attention: query heads per key head
-            q, k = q[:, :, list(heads)], k[:, :, [h // group for h in heads]]
+            q, k = q[:, :, list(heads)], k[:, :, key_heads(heads, q.shape[2], k.shape[2])]
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
