@@ -122,7 +122,10 @@ def method_config(task: Task, spec: MethodSpec, budget: float) -> dict:
     if spec.name in BUDGET_FREE:
         return {**task.method_defaults(spec.name), **spec.overrides}
     value = round(1 - budget, 10) if budget_is_removed(spec.name) else budget
-    return {**task.method_defaults(spec.name), **spec.overrides, budget_field(spec.name): value}
+    config = {**task.method_defaults(spec.name), **spec.overrides, budget_field(spec.name): value}
+    if budget_field(spec.name) == "sparsity":  # a skip method: the task may move it to equal compute
+        config["sparsity"] = task.skip_sparsity(build_pruner(spec.name, **config))
+    return config
 
 
 # ---- one measurement ---------------------------------------------------------------------

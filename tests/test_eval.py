@@ -171,10 +171,16 @@ def test_method_specs_and_budget_mapping():
     assert budget_field("fastv") == budget_field("random") == "keep_ratio"
     task = PerplexityTask("t", model=tiny_decoder("llama-sdpa"), token_ids=torch.zeros(2, 30, dtype=torch.long),
                           context=20)
+    task.setup()  # 20 context + 10 scored tokens
     assert method_config(task, MethodSpec.parse("random:seed=4"), 0.25) == {"layer": 1, "seed": 4, "keep_ratio": 0.25}
-    # skip methods take sparsity, the share skipped: budget 0.7 (kept) -> sparsity 0.3
-    assert method_config(task, MethodSpec.parse("ftp:checkpoint=null"), 0.7) == {"checkpoint": None, "sparsity": 0.3}
+    # skip methods take sparsity, the share skipped: budget 0.7 (kept) -> sparsity 0.3 of the pass
+    assert method_config(task, MethodSpec.parse("ftp:checkpoint=null,route_generated=true"), 0.7) == {
+        "checkpoint": None, "route_generated": True, "sparsity": 0.3}
     assert method_config(task, MethodSpec.parse("shortgpt"), 0.8)["sparsity"] == 0.2
+    # ... which a method sparing the scored tokens spends on the context alone: 0.3 x 30 / 20
+    assert method_config(task, MethodSpec.parse("ftp:checkpoint=null"), 0.7)["sparsity"] == 0.45
+    assert method_config(task, MethodSpec.parse("skip-rank"), 0.8)["sparsity"] == 0.3
+    assert method_config(task, MethodSpec.parse("skip-rank"), 0.2)["sparsity"] == 1.0  # at most all of it
     # APTP's router sets its own widths: the budget is recorded in the row, not put in the config
     assert method_config(task, MethodSpec.parse("aptp:code=1"), 0.5) == {"code": 1}
     with pytest.raises(tp.TokenPruneError):

@@ -109,7 +109,9 @@ def test_sparsity_zero_is_dense_exactly(tmp_path):
 
 def test_first_token_never_skips_and_generated_tokens_route_like_a_recompute(tmp_path):
     model, ids = tiny_decoder("llama-sdpa"), prompt(32)
-    ftp = tp.build_pruner("ftp", sparsity=0.4, checkpoint=position_router_file(tmp_path, middle=34))
+    ftp = tp.build_pruner("ftp", sparsity=0.4, checkpoint=position_router_file(tmp_path, middle=34),
+                          route_generated=True)
+    assert ftp.routes_decode and not ftp.spares_generated
     with torch.no_grad(), tp.pruning(model, ftp) as h:
         model(ids)
         assert all(0 in h.stats.kept[i][0] for i in h.stats.kept)
@@ -124,6 +126,33 @@ def test_first_token_never_skips_and_generated_tokens_route_like_a_recompute(tmp
     # generated tokens 32..34 run every block, 35.. skip blocks 1-3: at decode as in the recompute
     assert [row[0] for row in h.stats.tokens_per_layer] == [38] + [32 - 17 + 3] * 3
     assert decoded.flops < decoded.dense_flops
+
+
+def test_by_default_tokens_whose_prediction_is_read_run_every_block(tmp_path):
+    """The default (``route_generated=False``): the prompt's last token and generated tokens run every
+    block, the prompt's other tokens skip the whole share; decode steps are not routed, and cached
+    generate equals the recompute. Batched rows with left padding equal each row alone."""
+    model = tiny_decoder("llama-sdpa")
+    ftp = tp.build_pruner("ftp", sparsity=0.4, checkpoint=position_router_file(tmp_path, middle=34))
+    assert not ftp.routes_decode and ftp.spares_generated
+    ids = prompt(32)
+    with torch.no_grad(), tp.pruning(model, ftp) as h:
+        model(ids)
+        prefill = h.stats
+        seq, logits = greedy(model, ids, n=5)
+        again = recompute_step_logits(model, h, seq, ids.shape[1])
+    assert all(0 in k[0] and 31 in k[0] for k in prefill.kept.values())
+    per_block = round(uniform_schedule(0.4, 4)[1] * 32)
+    assert [row[0] for row in prefill.tokens_per_layer] == [32] + [32 - per_block] * 3
+    assert torch.allclose(logits, again, atol=1e-4, rtol=1e-4)
+    short = prompt(20, seed=3)
+    pad = torch.zeros(1, 12, dtype=torch.long)
+    batch = torch.cat([torch.cat([pad, short], 1), ids])
+    mask = torch.cat([torch.cat([pad, torch.ones_like(short)], 1), torch.ones_like(ids)])
+    with torch.no_grad(), tp.pruning(model, ftp):
+        both = model(batch, attention_mask=mask).logits
+        alone = [model(short).logits[0], model(ids).logits[0]]
+    assert torch.allclose(both[0, 12:], alone[0], atol=1e-4) and torch.allclose(both[1], alone[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("heads", [None, (1, 2)])
@@ -200,7 +229,8 @@ def test_static_rule_skips_generated_tokens_by_its_calibrated_threshold(tmp_path
     router = tp.build_pruner("ftp", sparsity=0.3, checkpoint=path).router
 
     def kept(**config):
-        with torch.no_grad(), tp.pruning(model, tp.build_pruner("ftp", sparsity=0.3, **config)) as h, h.segments(seg):
+        ftp = tp.build_pruner("ftp", sparsity=0.3, route_generated=True, **config)
+        with torch.no_grad(), tp.pruning(model, ftp) as h, h.segments(seg):
             model(ids)
         return {i: set(h.stats.kept[i][0]) for i in h.stats.kept}
 

@@ -98,8 +98,10 @@ class SoftRouting:
     each sequence's tail routed one by one (threshold), the rest is the prompt (top-k).
     """
 
-    def __init__(self, model, router: Router, generated: float = 0.2, static: bool = False):
+    def __init__(self, model, router: Router, generated: float = 0.2, static: bool = False,
+                 route_generated: bool = False):
         self.model, self.router, self.generated, self.static = model, router, generated, static
+        self.route_generated = route_generated  # else the tail and the last prompt token run every block
         self.layers = model.model.layers
         self.schedule: list[float] = [0.0] * len(self.layers)
         self.records: list[tuple] = []  # (logit, threshold-keep ST, static keep, routed mask, target) per routed block
@@ -169,16 +171,22 @@ class SoftRouting:
         dev = hidden.device
         pos = torch.arange(n, device=dev).expand(B, n)
         routed = pos > 0  # token 0 never skips
-        generated = routed & (pos >= n - round(self.generated * n))
+        start = n - round(self.generated * n)
+        generated = routed & (pos >= start)
         prompt = routed & ~generated
+        if not self.route_generated:  # as FTP(route_generated=False): the last prompt token runs every block
+            prompt &= pos < start - 1
         sink = self.sink_share(i)
         feats = features(sink, pos, prompt, s)
         logit = self.router(feats)
-        k = ((prompt.sum(1) + 1).double() * s + 0.5).floor().long().clamp(max=int(prompt.sum(1).min()))
+        fixed = 1 if self.route_generated else 2  # prompt tokens that always run: the first (and the last)
+        k = ((prompt.sum(1) + fixed).double() * s + 0.5).floor().long().clamp(max=int(prompt.sum(1).min()))
         # the static attention-rank router (the guide): the highest attention shares on the sink skip
         static_skip = prompt & (lowest(-feats[..., 2], prompt) < k[:, None])
         skip = prompt & (lowest(-feats[..., 2] if self.static else logit.detach(), prompt) < k[:, None])
-        if not self.static:  # generated tokens: one by one, below the threshold (0 while training: the
+        if not self.route_generated:
+            generated = torch.zeros_like(generated)
+        elif not self.static:  # generated tokens: one by one, below the threshold (0 while training: the
             # sparsity loss sets their share over all blocks, the router where; calibrated after training)
             skip |= generated & (logit.detach() < self.router.threshold(s))
         self.generated_logits.append(logit.detach()[generated])
@@ -461,6 +469,9 @@ def main(argv=None, loaded=None):
     ap.add_argument("--max-sparsity", type=float, default=0.5)
     ap.add_argument("--spread", type=float, default=0.5, help="sigma of the per-block log-normal schedule noise")
     ap.add_argument("--generated", type=float, default=0.2, help="tail share of a block routed as generated tokens")
+    ap.add_argument("--route-generated", action="store_true",
+                    help="route the generated tail too (one by one, by threshold), as ftp(route_generated=True); "
+                         "default: it and the last prompt token run every block, as ftp's default")
     ap.add_argument("--sparsity-weight", type=float, default=10.0)
     ap.add_argument("--guide-weight", type=float, default=1.0)
     ap.add_argument("--guide-share", type=float, default=0.3)
@@ -535,7 +546,7 @@ def train_router(args, model, rng, train, order, progress):
     opt = torch.optim.AdamW(router.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    soft = SoftRouting(model, router, generated=args.generated)
+    soft = SoftRouting(model, router, generated=args.generated, route_generated=args.route_generated)
     log = []
     # distil where the model's outputs are used: the generated tail's next-token predictions (and
     # the last prompt token's); a prompt token's own prediction is never read, only its keys / values

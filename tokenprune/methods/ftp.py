@@ -14,17 +14,28 @@ leaves no keys / values in that block and rejoins after it unchanged):
 
 Decisions are hard at inference. The prompt's tokens are ranked by the router's logit and the
 ``round(s_i * n)`` lowest skip block ``i`` (``n``: the row's prompt tokens), so the realised
-sparsity is the target. Generated tokens (``Segment.GENERATED``) are routed one by one: they skip
-where the logit is below a threshold calibrated after training, at the positions the eval scores,
-so that the target share of them skips on average (``Router.thresholds``, per block sparsity);
-their rank input is 0.5, unknown. Every input is causal (a token's own attention row), so a
-prompt's routing never depends on the tokens generated after it, and a token routes the same in
+sparsity is the target. Every input is causal (a token's own attention row), so a prompt's
+routing never depends on the tokens generated after it, and a token routes the same in
 ``generate`` as in a cache-free recompute. The first token of each row is never routed away: it
 is the attention sink every later token reads in every block. Block 0 is never routed (no
 attention before it), so a uniform schedule skips ``sparsity * L / (L - 1)`` per block ``>= 1``.
 
-``sparsity``: the share of token-block computations skipped (0.0 = dense, bit-exact; 0.3 on a
-30-block model skips as many as removing 9 blocks). ``schedule``: per-block sparsities (length =
+Which tokens may skip (``route_generated``). By default (False) the tokens whose next-token
+prediction is read run every block: generated tokens and the prompt's last token; the budget is
+spent on the rest of the prompt, whose tokens only lend their keys / values to later ones.
+Measured on SmolLM2-135M (``results/smollm2-ftp``): a skipped block costs a prompt token's keys
+little, but costs a token's own prediction dearly, so skipping the predicting tokens loses to
+removing whole blocks (ShortGPT) at equal FLOPs, while sparing them beats it. The saving is the
+prefill's (and the KV cache of the skipped prompt tokens); decode steps run dense. With
+``route_generated=True`` every token is routed, as in the paper: generated tokens
+(``Segment.GENERATED``, at decode steps or a scored continuation) one by one, skipping where the
+logit is below a threshold calibrated after training at the eval's positions so that the target
+share of them skips on average (``Router.thresholds``, per block sparsity); their rank input is
+0.5, unknown.
+
+``sparsity``: the share of the prompt's token-block computations skipped (with
+``route_generated``, every token's; 0.0 = dense, bit-exact; 0.3 on a 30-block model skips as many
+as removing 9 blocks would on the prompt). ``schedule``: per-block sparsities (length =
 the model's depth, block 0 at 0, mean = ``sparsity``); ``"searched"``: the one
 ``evals/train/search_ftp.py`` found for this ``sparsity``, shipped beside the router; None = uniform.
 ``checkpoint``: a shipped model name (``"smollm2-135m"``, the default) or a path to an
@@ -34,6 +45,7 @@ prompt's top ``round(s_i * n)``; a generated token when its share is above the c
 calibrated ``Router.static_thresholds``), on the checkpoint's heads, so it skips generated tokens
 like the router does (equal FLOPs). ``checkpoint=None``: that static rule with no weights, for any
 model: every head's mean, and generated tokens never skip (nothing calibrated their threshold).
+``route_generated``: see above.
 Training: ``evals/train/train_ftp.py``.
 """
 from __future__ import annotations
@@ -141,10 +153,10 @@ def features(sink: torch.Tensor, positions: torch.Tensor, prompt: torch.Tensor, 
     return torch.stack([pos, sink, rank, target], dim=-1)
 
 
-def skip_count(prompt: torch.Tensor, first: torch.Tensor, sparsity: float) -> torch.Tensor:
+def skip_count(prompt: torch.Tensor, fixed: torch.Tensor, sparsity: float) -> torch.Tensor:
     """(B,) prompt tokens to skip: ``round(sparsity * n)`` of the row's ``n`` prompt tokens
-    (the first included), at most the routable ones."""
-    n = (prompt | first).sum(1).double()
+    (the ``fixed`` ones that always run included), at most the routable ones."""
+    n = (prompt | fixed).sum(1).double()
     return torch.minimum((n * sparsity + 0.5).floor().long(), prompt.sum(1))
 
 
@@ -175,12 +187,20 @@ class FTP(Pruner):
     (None: uniform); ``checkpoint``: shipped model name, path, or None (static rule, no weights);
     ``static``: the static attention-rank rule on the checkpoint's heads and thresholds."""
 
-    routes_decode = True  # generated tokens are routed at every decode step too
-
     sparsity: float = 0.3
     schedule: tuple[float, ...] | str | None = None
     checkpoint: str | None = "smollm2-135m"
     static: bool = False
+    route_generated: bool = False
+
+    @property
+    def routes_decode(self) -> bool:
+        """Asked at every decode step only when generated tokens are routed."""
+        return self.route_generated
+
+    @property
+    def spares_generated(self) -> bool:
+        return not self.route_generated
 
     def __post_init__(self):
         super().__post_init__()
@@ -201,8 +221,9 @@ class FTP(Pruner):
                                       f"{self.sparsity}: give the schedule's mean as sparsity")
         if self.checkpoint is not None and not isinstance(self.checkpoint, str):
             raise TokenPruneError(f"ftp: checkpoint must be a model name, a path or None, got {self.checkpoint!r}")
-        if not isinstance(self.static, bool):
-            raise TokenPruneError(f"ftp: static must be True or False, got {self.static!r}")
+        for flag in ("static", "route_generated"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TokenPruneError(f"ftp: {flag} must be True or False, got {getattr(self, flag)!r}")
         self.router = None if self.checkpoint is None else load_router(checkpoint_path(self.checkpoint))
 
     def block_sparsity(self, num_layers: int) -> list[float]:
@@ -254,11 +275,18 @@ class FTP(Pruner):
         if sparsity <= 0.0:
             return None
         positions = state.positions()
+        is_generated = state.segments == int(Segment.GENERATED)
+        in_prompt = state.valid & ~is_generated
         routed = state.valid & (positions > 0)  # the first token never skips
-        generated = state.segments == int(Segment.GENERATED)
-        prompt = routed & ~generated
-        cut = None if self.router is None else self.router.threshold(sparsity, self.static)
-        generated = routed & generated if cut is not None else torch.zeros_like(prompt)  # None: never skip
+        prompt = routed & ~is_generated
+        cut = None
+        if not self.route_generated:  # tokens whose prediction is read run every block: the prompt's last, generated ones
+            prompt &= positions < last_prompt_position(in_prompt, positions)
+            generated = torch.zeros_like(prompt)
+        elif self.router is not None and (cut := self.router.threshold(sparsity, self.static)) is not None:
+            generated = routed & is_generated
+        else:  # no calibrated threshold (the static rule without a checkpoint): generated tokens never skip
+            generated = torch.zeros_like(prompt)
         any_prompt = bool(prompt.any())
         if not (any_prompt or bool(generated.any())):
             return None
@@ -266,10 +294,15 @@ class FTP(Pruner):
             score = self.scores(state, sparsity, prompt, positions)
         skip = generated & (score < cut) if cut is not None else generated
         if any_prompt:  # the prompt's round(s * n) lowest scores skip: the exact share
-            k = skip_count(prompt, state.valid & (positions == 0), sparsity)
+            k = skip_count(prompt, in_prompt & ~prompt, sparsity)
             most = int(k.max())
             if most:
                 low = score.masked_fill(~prompt, float("inf")).topk(most, dim=1, largest=False).indices
                 take = torch.arange(most, device=k.device)[None, :] < k[:, None]
                 skip = skip | torch.zeros_like(skip).scatter_(1, low, take)
         return Skip(keep=state.valid & ~skip)
+
+
+def last_prompt_position(prompt: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """(B, 1) position of each row's last prompt token (-1 for a row without one)."""
+    return positions.masked_fill(~prompt, -1).amax(dim=1, keepdim=True)

@@ -122,6 +122,8 @@ class SkipRandom(BlockSkipper):
 class SkipRank(BlockSkipper):
     """The prompt tokens least attended in the previous block skip (see the module docstring)."""
 
+    spares_generated: ClassVar[bool] = True
+
     def select(self, state):
         prompt, _ = self.routable(state)
         if not bool(prompt.any()):
