@@ -124,7 +124,8 @@ def method_config(task: Task, spec: MethodSpec, budget: float) -> dict:
     value = round(1 - budget, 10) if budget_is_removed(spec.name) else budget
     config = {**task.method_defaults(spec.name), **spec.overrides, budget_field(spec.name): value}
     if budget_field(spec.name) == "sparsity":  # a skip method: the task may move it to equal compute
-        config["sparsity"] = task.skip_sparsity(build_pruner(spec.name, **config))
+        probe = build_pruner(spec.name, **{**config, "sparsity": 0.0})  # (0: no schedule to look up)
+        config["sparsity"] = task.skip_sparsity(value, probe.spares_generated)
     return config
 
 

@@ -126,9 +126,9 @@ class Task:
     def evaluate(self, meter: Meter, handle=None) -> EvalOutput:
         raise NotImplementedError
 
-    def skip_sparsity(self, pruner) -> float:
-        """The ``sparsity`` a skip method runs at for the budget it was built with (default: as is)."""
-        return pruner.sparsity
+    def skip_sparsity(self, sparsity: float, spares_generated: bool) -> float:
+        """The ``sparsity`` a skip method runs at for a budget's ``sparsity`` (default: as is)."""
+        return sparsity
 
     def probe(self, handle=None) -> Callable[[], object]:
         """One representative model call (the first batch), for latency and memory."""
@@ -294,13 +294,13 @@ class PerplexityTask(Task):
         layer = decoder_layer_default(self.model) if self.pruning_layer is None else self.pruning_layer
         return defaults_for(method, layer=layer)
 
-    def skip_sparsity(self, pruner) -> float:
+    def skip_sparsity(self, sparsity: float, spares_generated: bool) -> float:
         """Equal compute: a method that spares the scored tokens (``Pruner.spares_generated``) spends
         the budget's share of the whole pass on the context, so it runs at ``sparsity x (context +
         scored) / context`` of the prompt (at most 1)."""
-        if not pruner.spares_generated:
-            return pruner.sparsity
-        return round(min(1.0, pruner.sparsity * (self.context + self.scored) / self.context), 6)
+        if not spares_generated:
+            return sparsity
+        return round(min(1.0, sparsity * (self.context + self.scored) / self.context), 6)
 
     def _batches(self):
         return [self.blocks[i: i + self.batch_size] for i in range(0, len(self.blocks), self.batch_size)]
