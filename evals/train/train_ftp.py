@@ -11,15 +11,19 @@ this script; the library's inference path uses ``Skip``): before block ``i`` the
 same four features as :class:`tokenprune.methods.ftp.FTP` (computed from the previous block's
 attention, with the keys of the tokens that skipped it masked) and makes the same hard decisions
 (the prompt part: the lowest-logit ``round(s_i * n)`` skip; the last ``--generated`` share of each
-sequence plays generated tokens: logit < 0 skips); a skipped token's key is masked in block ``i``
+sequence plays generated tokens: they and the last prompt token run every block, as ``ftp``'s
+default; with ``--route-generated`` they are routed one by one, logit < 0 skips, as
+``ftp(route_generated=True)``); a skipped token's key is masked in block ``i``
 and its output is ``h + g * (block(h) - h)`` with ``g`` the hard gate whose gradient is the soft
 gate's, ``sigmoid(logit)`` (straight-through). Losses:
 
 - distillation: KL(dense || routed) of the next-token distributions where they are used: at the
   generated tail (and the last prompt token), as in generation and in the eval;
-- sparsity: squared gap between the generated tokens' share kept by the threshold rule (logit > 0,
-  hard value, soft gradient) over all routed blocks and the schedule's mean ``1 - s_i``: the router
-  picks the blocks where they skip, the calibrated threshold then hits the target share;
+- sparsity: squared gap between the share kept by the threshold rule (logit > 0, hard value, soft
+  gradient) and the target: with ``--route-generated``, the generated tokens' share over all routed
+  blocks against the schedule's mean ``1 - s_i`` (the router picks the blocks where they skip, the
+  calibrated threshold then hits the target share); else each block's prompt share (top-k makes
+  the share exact; this only anchors the logit's scale);
 - guide: binary cross-entropy towards the static attention-rank router (the tokens with the
   highest attention share on the first token skip), weight decaying linearly to 0 over the first
   ``--guide-share`` of the steps.
@@ -371,9 +375,13 @@ def library_eval(model, tok, out: str, budgets, limit: int, progress: bool, toke
     dense = task.evaluate(Meter(model, None, analytic=True, count=False))
     rows = [dict(method="dense", sparsity=0.0, perplexity=dense.quality, agreement=1.0, flops_rel=1.0,
                  scored_skipped=0.0)]
+    rules = (("ftp", False, False), ("ftp static rule", True, False),
+             ("ftp, every token routed", False, True), ("ftp static rule, every token routed", True, True))
     for b in budgets:
-        for name, static in (("ftp", False), ("ftp static rule", True)):
-            with tp.pruning(model, tp.build_pruner("ftp", sparsity=b, checkpoint=out, static=static)) as h:
+        for name, static, every in rules:
+            s = task.skip_sparsity(b, not every)  # equal compute: the default spends b of the pass on the context
+            config = dict(sparsity=s, checkpoint=out, static=static, route_generated=every)
+            with tp.pruning(model, tp.build_pruner("ftp", **config)) as h:
                 meter = Meter(model, h, analytic=True, count=False)
                 r = task.evaluate(meter, h)
             rows.append(dict(method=name, sparsity=b, perplexity=r.quality,
@@ -396,6 +404,11 @@ def write_card(out, args, m):
     calib = eval_table(m["calib_eval"]) if m.get("calib_eval") else "(none: `--calib-blocks 0`)"
     recalibrated = (f"Thresholds and checks redone without training ({m['calibrate_total_seconds'] / 60:.1f} min):\n"
                     f"```\n{m['calibrate_command']}\n```\n") if m.get("calibrate_command") else ""
+    every = getattr(args, "route_generated", True)  # (runs before the flag existed routed the tail)
+    tail = ("routed one by one (logit < 0 skips), as `ftp(route_generated=True)`" if every else
+            "they and the last prompt token run every block, as `ftp`'s default (`--route-generated` routes them)")
+    constraint = ("the generated tokens' share kept by logit > 0, over all blocks" if every else
+                  "each block's share of prompt tokens with logit > 0, which sets the logit's scale")
     text = f"""# FTP router for SmolLM2-135M
 
 The learned part of `tokenprune`'s FTP (`tokenprune/methods/ftp.py`): one MLP (4 inputs -> {args.hidden} -> {args.hidden} -> 1,
@@ -419,12 +432,12 @@ eval reads (`tokenprune eval --model smollm2-135m`). Of the other {m['split']['t
 Base model frozen (fp32). The router starts at the static attention-rank rule (`--init {args.init}`: its
 logit decreases with rank + sink share, other weights a tenth of a random init). {m['steps_done']} steps (of {args.steps} planned; `--max-minutes {args.max_minutes}`), one
 {args.length}-token block per step; total sparsity uniform in [{args.min_sparsity}, {args.max_sparsity}], per-block
-sparsities log-normal (sigma {args.spread}) around the uniform schedule; the last {args.generated:.0%} of each block is
-routed as generated tokens (logit < 0 skips), the rest as the prompt (top-k). Hard routing in the forward,
+sparsities log-normal (sigma {args.spread}) around the uniform schedule; the last {args.generated:.0%} of each block plays
+generated tokens: {tail}, the rest is the prompt (top-k). Hard routing in the forward,
 soft gate `sigmoid(logit)` in the backward (straight-through); a skipped token's key is masked in its block
 and its output is `h + g * (block(h) - h)`. Loss = KL(dense || routed) at the generated tail's positions (and the
 last prompt token's: the predictions generation uses) + {args.sparsity_weight} x sparsity
-constraint on the generated tokens' share over all blocks + guide ({args.guide_weight} x BCE towards the static
+constraint ({constraint}) + guide ({args.guide_weight} x BCE towards the static
 attention-rank router's prompt choice, decaying to 0 over the first
 {args.guide_share:.0%} of the steps). AdamW lr {args.lr}, seed {args.seed}, {args.threads} thread(s).
 **Time: {m['train_seconds'] / 60:.1f} min training ({m['total_seconds'] / 60:.1f} min in all, model load, calibration
@@ -441,6 +454,8 @@ Router (logit): {m['thresholds']}. Static rule (minus the sink share): {m['stati
 {recalibrated}
 
 ## Checks (through the library: 512 context + 128 scored tokens, every block >= 1 routed, uniform schedule)
+Sparsity: the share of the pass's token-block computations skipped; `ftp` (the default, the scored
+tokens run every block) spends it on the context, at 1.25 x that share of the prompt.
 Calibration split ({m['calib_blocks']} blocks):
 
 {calib}
