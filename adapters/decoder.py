@@ -127,6 +127,32 @@ def key_heads(heads, num_heads: int, num_kv_heads: int) -> list[int]:
     return [h // group for h in heads]
 
 
+def contiguous_run(heads) -> bool:
+    return list(heads) == list(range(heads[0], heads[0] + len(heads)))
+
+
+def pick_heads(t: torch.Tensor, heads, head_dim: int) -> torch.Tensor:
+    """``(B, m, len(heads), head_dim)``: the columns of ``heads`` in a ``(B, m, heads * head_dim)``
+    projection; a view when they are one run (e.g. a single head)."""
+    t = t.view(*t.shape[:2], -1, head_dim)
+    if contiguous_run(heads):
+        return t[:, :, heads[0]: heads[0] + len(heads)]
+    return t[:, :, list(heads)]
+
+
+def project_heads(proj: nn.Module, x: torch.Tensor, heads, head_dim: int) -> torch.Tensor:
+    """``proj(x)``'s columns of ``heads`` only, ``(..., len(heads) * head_dim)``: a plain ``nn.Linear``
+    multiplies by those weight rows alone; another module (e.g. a LoRA layer) runs whole."""
+    if type(proj) is not nn.Linear:
+        y = proj(x)
+        return pick_heads(y.reshape(1, -1, y.shape[-1]), heads, head_dim).reshape(*y.shape[:-1], -1)
+    if contiguous_run(heads):
+        rows = slice(heads[0] * head_dim, (heads[0] + len(heads)) * head_dim)
+    else:
+        rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads]).to(proj.weight.device)
+    return nn.functional.linear(x, proj.weight[rows], None if proj.bias is None else proj.bias[rows])
+
+
 class CacheOp:
     """``reorder_cache`` / ``batch_repeat_interleave`` / ``batch_select_indices`` / ``crop`` of a
     cache filled under pruning (instance attributes, installed at its prefill).
@@ -252,6 +278,7 @@ class Call:
     dstash: tuple | None = None  # decode: previous layer's input for the new tokens, and its cache
     layer_rope: tuple | None = None  # HF's rotary cos / sin of the current layer
     hollow: list | None = None  # hooks that empty the block no token runs (see ``_hollow``)
+    causal: torch.Tensor | None = None  # (n, n) additive causal mask of the prefill's slots (``_prefill_mass``)
 
     @property
     def state(self) -> TokenState:
@@ -812,6 +839,8 @@ class DecoderAdapter(HookedAdapter):
         keeps running SDPA and nothing N x N is materialised unless asked for. ``heads``: only
         these query heads (and the key heads they read), sliced before rotary and attention.
         """
+        if on is not None and query_slots is None:
+            return self._prefill_mass(call, on, heads)
         li, hidden, (cos, sin), valid, ran, _ = call.stash
         layer = self.layers[li]
         attn = layer.self_attn
@@ -848,6 +877,73 @@ class DecoderAdapter(HookedAdapter):
         if on is not None:
             return attention_mass(q, k, attn.scaling, visible[:, None], (call.state.index[:, :, None] == on[:, None, :]).any(-1))
         return attention_probs(q, k, attn.scaling, visible[:, None])
+
+    def _prefill_mass(self, call: Call, on: torch.Tensor, heads: tuple[int, ...] | None) -> torch.Tensor:
+        """``state.attention_mass`` at prefill for every slot (what FTP reads before each block):
+        ``(B, heads, n)`` attention of the previous layer's queries on the keys at positions ``on``.
+
+        Built for one or a few heads at every block: only those heads' q / k columns (from the
+        projections the layer made as it ran; the tokens that skipped it get their q columns
+        projected now); scores in query chunks over the keys each chunk can see (about half the
+        causal square); masked keys (skipped that layer, padding) pushed far below every real score
+        by one extra q / k column instead of an (n, n) mask; and no attention-times-value product:
+        the mass is the softmax times a 0 / 1 column. About half the fused-kernel cost on a CPU.
+        """
+        li, hidden, (cos, sin), valid, ran, _ = call.stash
+        attn = self.layers[li].self_attn
+        B, n, _ = hidden.shape
+        heads = tuple(range(self.facts.num_heads)) if heads is None else heads
+        q, k = self._head_qk(call, heads)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = self._rotate(q.transpose(1, 2), k.transpose(1, 2), expand_rows(cos, B), expand_rows(sin, B))
+        H = q.shape[1]
+        q = (q.float() * attn.scaling).reshape(B * H, n, -1)
+        k = k.float().reshape(B * H, n, -1)
+        keys = valid if ran is None else valid & ran
+        target = (call.state.index[:, :, None] == on[:, None, :]).any(-1) & keys
+        if not bool(keys.all()):  # one more column: q 1, k 0 for a key, -1e9 for a masked one
+            q = torch.cat([q, q.new_ones(B * H, n, 1)], -1)
+            far = torch.where(keys, 0.0, -1e9).to(k.dtype)
+            k = torch.cat([k, far[:, None, :, None].expand(B, H, n, 1).reshape(B * H, n, 1)], -1)
+        if call.causal is None or call.causal.shape[0] != n:
+            call.causal = torch.full((n, n), torch.finfo(torch.float32).min, device=q.device).triu_(1)
+        column = target.float()[:, None, :, None].expand(B, H, n, 1).reshape(B * H, n, 1)
+        step = max(16, min(256, 2 ** 22 // (B * H * n)))  # query rows per chunk: a few MB of scores
+        out = []
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            scores = torch.baddbmm(call.causal[a:b, :b], q[:, a:b], k[:, :b].transpose(1, 2))
+            out.append(scores.softmax(-1) @ column[:, :b])
+        return torch.cat(out, 1).view(B, H, n)
+
+    def _head_qk(self, call: Call, heads: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, n, len(heads), head_dim)`` q of the query ``heads`` and k of the key heads they read
+        (before norm and rotary), for the stash's slots: the layer's own projections where it ran
+        (captured), projected now for the tokens that skipped it (q only: they left no key)."""
+        li, hidden, _, _, _, cap = call.stash
+        layer = self.layers[li]
+        attn = layer.self_attn
+        B, n, _ = hidden.shape
+        hd = attn.head_dim
+        kheads = key_heads(heads, self.facts.num_heads, self.facts.num_kv_heads)
+        if not cap or "q" not in cap or "k" not in cap:
+            x = layer.input_layernorm(hidden)
+            return (project_heads(attn.q_proj, x, heads, hd).view(B, n, -1, hd),
+                    project_heads(attn.k_proj, x, kheads, hd).view(B, n, -1, hd))
+        q, k = pick_heads(cap["q"], heads, hd), pick_heads(cap["k"], kheads, hd)
+        slots = cap.get("slots")
+        if slots is None:
+            return q, k
+        q = scatter_rows(q.new_zeros(B, n, *q.shape[2:]), slots, q)
+        k = scatter_rows(k.new_zeros(B, n, *k.shape[2:]), slots, k)
+        missing = torch.ones(B * n, dtype=torch.bool, device=hidden.device)
+        missing[(slots + torch.arange(B, device=slots.device)[:, None] * n).reshape(-1)] = False
+        rows = missing.nonzero().squeeze(1)
+        if len(rows):
+            x = layer.input_layernorm(hidden.reshape(B * n, -1).index_select(0, rows))
+            q.view(B * n, -1).index_copy_(0, rows, project_heads(attn.q_proj, x, heads, hd))
+        return q, k
 
     def _captured(self, call: Call, heads: tuple[int, ...] | None = None):
         """The previous layer's own q / k projections ``(B, n, .)`` of the current slots, when it

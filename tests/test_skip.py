@@ -215,6 +215,34 @@ def test_decode_context_attention_equals_recompute():
         assert abs(reads["recompute"][key] - value) < 1e-5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_attention_mass_equals_the_probabilities(family):
+    """``state.attention_mass`` for every slot at prefill (FTP's feature, computed on a few heads
+    without a probability matrix) equals the columns of the explicit attention probabilities, with
+    keys masked by a Skip at the previous layer and by left padding (padding rows: 0)."""
+    model = tiny_decoder(family)
+    checked = []
+
+    @dataclass
+    class Spy(HiddenRouter):
+        def select(self, state):
+            probs, key_index, _ = state.context_attention(None)
+            on = state.row_offset
+            want = (probs * (key_index == on[:, None])[:, None, None, :]).sum(-1)  # (B, heads, n)
+            for heads in [(1,), (3, 0), (0, 1, 2), None]:
+                got = state.attention_mass(on, heads=heads)
+                assert torch.allclose(got, want if heads is None else want[:, list(heads)], atol=1e-6)
+            checked.append(state.layer)
+            return super().select(state)
+
+    batch, mask, _, _ = padded_batch()
+    router = Spy()
+    with torch.no_grad(), tp.pruning(model, router):
+        model(batch, attention_mask=mask)
+    assert checked == [1, 2, 3]
+    assert router.log[0][3].any(), "some tokens skipped block 1: block 2's scores mask their keys"
+
+
 def test_remove_after_routed_generate_is_exact():
     model = tiny_decoder("llama-eager")
     ids = prompt()

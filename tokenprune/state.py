@@ -93,6 +93,7 @@ class TokenState:
     row_offset: torch.Tensor | None = field(default=None, repr=False)
     # True at a decode step: the slots are the new tokens only (``Pruner.routes_decode``)
     decoding: bool = False
+    _memo: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         # what the input contained, so "segment missing" is told apart from "already pruned away"
@@ -164,6 +165,20 @@ class TokenState:
         if callable(value):
             value = self.token_info[name] = value()
         return gather_rows(value, self.index)
+
+    def memo(self, key, compute: Callable[[], object]):
+        """``compute()``, computed once while the slots stay the same (``index``, ``valid``, ``segments``
+        and ``sizes`` the same tensors): for what a method derives from the slots alone (masks,
+        position features, counts), which a router before every block would otherwise rebuild at each
+        (a Skip gives the same slots back after its block). ``key`` names the value (include the
+        settings it depends on); ``compute`` must not read ``hidden`` or the attention."""
+        slots = (self.index, self.valid, self.segments, self.sizes)
+        hit = self._memo.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], slots)):
+            return hit[1]
+        value = compute()
+        self._memo[key] = (slots, value)  # (holding the slot tensors: their ids cannot be reused meanwhile)
+        return value
 
     def positions(self) -> torch.Tensor:
         """(B, n) each slot's position among its row's real tokens (0 = the first; left padding

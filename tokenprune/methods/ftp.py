@@ -7,8 +7,8 @@ leaves no keys / values in that block and rejoins after it unchanged):
 - *position*: ``log(1 + p) / log(4096)`` with ``p`` the token's position in its row;
 - *attention score*: the share of the token's own attention (previous block) that goes to the
   row's first token, the attention sink: how idle the token currently is. It is the mean over a
-  few query heads fixed at training (``Router.heads``; SmolLM2-135M: head 1 of 9), computed with
-  the fused attention kernel on those heads only, so routing costs a sliver of a block;
+  few query heads fixed at training (``Router.heads``; SmolLM2-135M: head 1 of 9), computed on
+  those heads only (``TokenState.attention_mass``), so routing costs a sliver of a block;
 - *attention rank*: the rank of that score among the row's prompt tokens, in [0, 1];
 - *target sparsity* of this block (from the schedule).
 
@@ -137,20 +137,23 @@ def load_router(path: str) -> Router:
     return router.eval().requires_grad_(False)
 
 
-def features(sink: torch.Tensor, positions: torch.Tensor, prompt: torch.Tensor, sparsity) -> torch.Tensor:
+def features(sink: torch.Tensor, positions: torch.Tensor, prompt: torch.Tensor, sparsity,
+             position: torch.Tensor | None = None) -> torch.Tensor:
     """(B, n, 4) router inputs from each token's attention share on the sink ``(B, n)``, its
     position in the row ``(B, n)`` and the routed prompt tokens ``(B, n)`` (their rank group);
-    other tokens get rank 0.5. ``sparsity``: the block's target, a float or ``(B, 1)``."""
-    if bool(prompt.any()):
-        order = sink.masked_fill(~prompt, float("inf")).argsort(dim=1, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-        count = prompt.sum(1, keepdim=True)
-        rank = torch.where(prompt, rank.float() / (count - 1).clamp_min(1), torch.full_like(sink, 0.5))
-    else:  # a decode step: no prompt token to rank among
-        rank = torch.full_like(sink, 0.5)
-    pos = torch.log1p(positions.float().clamp_min(0)) / POSITION_SCALE
+    other tokens get rank 0.5. ``sparsity``: the block's target, a float or ``(B, 1)``.
+    ``position``: ``position_feature(positions)``, when the caller has it already."""
+    # the rank among the prompt: the inverse of the sorting permutation (a row without prompt tokens: 0.5)
+    rank = sink.masked_fill(~prompt, float("inf")).argsort(dim=1, stable=True).argsort(dim=1)
+    count = prompt.sum(1, keepdim=True)
+    rank = torch.where(prompt, rank.float() / (count - 1).clamp_min(1), torch.full_like(sink, 0.5))
+    pos = position_feature(positions) if position is None else position
     target = torch.as_tensor(sparsity, dtype=sink.dtype, device=sink.device).expand_as(sink)
     return torch.stack([pos, sink, rank, target], dim=-1)
+
+
+def position_feature(positions: torch.Tensor) -> torch.Tensor:
+    return torch.log1p(positions.float().clamp_min(0)) / POSITION_SCALE
 
 
 def skip_count(prompt: torch.Tensor, fixed: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -263,44 +266,59 @@ class FTP(Pruner):
         """(B, n) keep scores, the lowest skip: the router's logit, or (static rule) minus the sink share."""
         router = self.router
         # the previous block's attention on the row's first token (at a decode step: over its whole
-        # cache), through the fused kernel and only for the router's heads
-        sink = state.attention_mass(state.row_offset, heads=None if router is None else router.heads).mean(1)
+        # cache), for the router's heads only, with no (n, n) probability matrix kept
+        mass = state.attention_mass(state.row_offset, heads=None if router is None else router.heads)
+        sink = mass[:, 0] if mass.shape[1] == 1 else mass.mean(1)
         if router is None or self.static:
             return -sink
-        feats = features(sink, positions, prompt, sparsity)
+        position = state.memo("ftp-position", lambda: position_feature(positions))
+        feats = features(sink, positions, prompt, sparsity, position)
         return router(feats.to(router.net[0].weight.dtype)).float()
 
-    def select(self, state):
-        sparsity = self.block_sparsity(state.num_layers)[state.layer]
-        if sparsity <= 0.0:
-            return None
+    def routable(self, state):
+        """What routing needs of the slots alone, the same at every block of a prefill (``state.memo``):
+        positions, the prompt, its tokens routed by rank (and whether there is one), the generated
+        tokens routed by threshold (None: they always run)."""
         positions = state.positions()
         is_generated = state.segments == int(Segment.GENERATED)
         in_prompt = state.valid & ~is_generated
         routed = state.valid & (positions > 0)  # the first token never skips
         prompt = routed & ~is_generated
-        cut = None
+        generated = None
         if not self.route_generated:  # tokens whose prediction is read run every block: the prompt's last, generated ones
             prompt &= positions < last_prompt_position(in_prompt, positions)
-            generated = torch.zeros_like(prompt)
-        elif self.router is not None and (cut := self.router.threshold(sparsity, self.static)) is not None:
+        elif self.router is not None and bool((routed & is_generated).any()):
             generated = routed & is_generated
-        else:  # no calibrated threshold (the static rule without a checkpoint): generated tokens never skip
-            generated = torch.zeros_like(prompt)
-        any_prompt = bool(prompt.any())
-        if not (any_prompt or bool(generated.any())):
+        return positions, in_prompt, prompt, bool(prompt.any()), generated
+
+    def skip_counts(self, state, sparsity: float, in_prompt, prompt):
+        """(the most prompt tokens a row skips, (B, most): whether the row skips its i-th lowest)."""
+        k = skip_count(prompt, in_prompt & ~prompt, sparsity)
+        most = int(k.max())
+        return most, torch.arange(most, device=k.device)[None, :] < k[:, None]
+
+    def select(self, state):
+        sparsity = self.block_sparsity(state.num_layers)[state.layer]
+        if sparsity <= 0.0:
+            return None
+        positions, in_prompt, prompt, any_prompt, generated = state.memo(
+            ("ftp", self.route_generated, self.router is None), lambda: self.routable(state))
+        # generated tokens skip below a calibrated threshold; without one (the static rule without a
+        # checkpoint) they never skip
+        cut = None if generated is None else self.router.threshold(sparsity, self.static)
+        if not any_prompt and cut is None:
             return None
         with torch.no_grad():
             score = self.scores(state, sparsity, prompt, positions)
-        skip = generated & (score < cut) if cut is not None else generated
+        skip = generated & (score < cut) if cut is not None else None
         if any_prompt:  # the prompt's round(s * n) lowest scores skip: the exact share
-            k = skip_count(prompt, in_prompt & ~prompt, sparsity)
-            most = int(k.max())
+            most, take = state.memo(("ftp-k", self.route_generated, sparsity),
+                                    lambda: self.skip_counts(state, sparsity, in_prompt, prompt))
             if most:
                 low = score.masked_fill(~prompt, float("inf")).topk(most, dim=1, largest=False).indices
-                take = torch.arange(most, device=k.device)[None, :] < k[:, None]
-                skip = skip | torch.zeros_like(skip).scatter_(1, low, take)
-        return Skip(keep=state.valid & ~skip)
+                ranked = torch.zeros_like(prompt).scatter_(1, low, take)
+                skip = ranked if skip is None else skip | ranked
+        return None if skip is None else Skip(keep=state.valid & ~skip)
 
 
 def last_prompt_position(prompt: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
