@@ -549,7 +549,8 @@ def bench_lvlm(methods=None, prunes=(0.75, 0.9), text=60, repeats=5, device=None
     return result
 
 
-SKIP_METHODS = ["shortgpt", "skip-rank", "skip-random", "ftp", "ftp:schedule=searched", "ftp:static=true"]
+SKIP_METHODS = ["shortgpt", "skip-rank", "skip-random", "ftp", "ftp:schedule=searched", "ftp:static=true",
+                "ftp:route_generated=true"]
 
 
 def routing_only(pruner):

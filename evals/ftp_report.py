@@ -33,14 +33,16 @@ def table(rows: list[dict]) -> str:
 
 
 def time_routing(threads: int = 2, repeats: int = 7) -> None:
-    """Prefill time of ``ftp`` relative to dense (median of ``repeats``, dense timed before and after
-    each config): routing only (sparsity 1e-4: every select runs, nothing skips), the sink share on
-    the router's head vs all heads, and at sparsity 0.3 next to skip-random (no features)."""
+    """Prefill time (the next token's logits after 512 tokens) relative to dense (median of ``repeats``,
+    dense timed before and after each config): ``ftp`` routing only (sparsity 1e-4: every select
+    runs, nothing skips), the sink share on the router's head vs all heads, skip-random routing only
+    (the engine's hooks with a trivial select), and at sparsity 0.3 next to skip-random (no features)."""
     import time
 
     import torch
 
     import tokenprune as tp
+    from tokenprune.evals.bench import routing_only
 
     torch.set_num_threads(threads)
     model, _ = tp.zoo.load("smollm2-135m")
@@ -57,22 +59,27 @@ def time_routing(threads: int = 2, repeats: int = 7) -> None:
 
     configs = [("ftp, routing only", dict(sparsity=1e-4), False), ("ftp static rule, routing only",
                dict(sparsity=1e-4, static=True), False), ("ftp, routing only, all heads", dict(sparsity=1e-4), True),
+               ("skip-random, routing only", "routing", False),
                ("ftp 0.3", dict(sparsity=0.3), False), ("ftp 0.3, all heads", dict(sparsity=0.3), True),
                ("skip-random 0.3", None, False)]
     with torch.no_grad():
         for label, config, all_heads in configs:
-            pruner = tp.build_pruner("ftp", **config) if config else tp.build_pruner("skip-random", sparsity=0.3)
-            heads = pruner.router.heads if config else None
+            if isinstance(config, dict):
+                pruner = tp.build_pruner("ftp", **config)
+            else:
+                pruner = tp.build_pruner("skip-random", sparsity=0.3)
+                pruner = routing_only(pruner) if config == "routing" else pruner
+            heads = pruner.router.heads if isinstance(config, dict) else None
             if all_heads:
                 pruner.router.heads = None
             try:
-                before = median(lambda: model(ids))
+                before = median(lambda: model(ids, logits_to_keep=1))
                 with tp.pruning(model, pruner) as handle:
-                    routed = median(lambda: model(ids))
+                    routed = median(lambda: model(ids, logits_to_keep=1))
                     flops = handle.stats.flops_ratio
-                after = median(lambda: model(ids))
+                after = median(lambda: model(ids, logits_to_keep=1))
             finally:
-                if config:
+                if isinstance(config, dict):
                     pruner.router.heads = heads
             dense = (before + after) / 2
             print(f"{label}: prefill time rel. dense {routed / dense:.4f} (dense {dense * 1000:.0f} ms), "
