@@ -49,6 +49,7 @@ from .base import HookedAdapter, attention_mass, attention_probs
 from .stream import Stream, expand_rows, gather_rows, scatter_rows
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+MASS_ROWS = 256  # query rows per chunk of ``_prefill_mass``
 
 
 def find_decoder(model: nn.Module) -> nn.Module | None:
@@ -278,7 +279,7 @@ class Call:
     dstash: tuple | None = None  # decode: previous layer's input for the new tokens, and its cache
     layer_rope: tuple | None = None  # HF's rotary cos / sin of the current layer
     hollow: list | None = None  # hooks that empty the block no token runs (see ``_hollow``)
-    causal: torch.Tensor | None = None  # (n, n) additive causal mask of the prefill's slots (``_prefill_mass``)
+    causal: torch.Tensor | None = None  # (c, c) additive causal mask of one query chunk (``_prefill_mass``)
 
     @property
     def state(self) -> TokenState:
@@ -906,14 +907,15 @@ class DecoderAdapter(HookedAdapter):
             q = torch.cat([q, q.new_ones(B * H, n, 1)], -1)
             far = torch.where(keys, 0.0, -1e9).to(k.dtype)
             k = torch.cat([k, far[:, None, :, None].expand(B, H, n, 1).reshape(B * H, n, 1)], -1)
-        if call.causal is None or call.causal.shape[0] != n:
-            call.causal = torch.full((n, n), torch.finfo(torch.float32).min, device=q.device).triu_(1)
         column = target.float()[:, None, :, None].expand(B, H, n, 1).reshape(B * H, n, 1)
-        step = max(16, min(256, 2 ** 22 // (B * H * n)))  # query rows per chunk: a few MB of scores
+        step = min(MASS_ROWS, max(16, 2 ** 22 // (B * H * n)))  # query rows per chunk: a few MB of scores
+        if call.causal is None or call.causal.shape[0] < step:
+            call.causal = torch.full((step, step), torch.finfo(torch.float32).min, device=q.device).triu_(1)
         out = []
-        for a in range(0, n, step):
+        for a in range(0, n, step):  # rows a..b see keys 0..b; only the diagonal block needs the mask
             b = min(a + step, n)
-            scores = torch.baddbmm(call.causal[a:b, :b], q[:, a:b], k[:, :b].transpose(1, 2))
+            scores = q[:, a:b] @ k[:, :b].transpose(1, 2)
+            scores[:, :, a:b] += call.causal[: b - a, : b - a]
             out.append(scores.softmax(-1) @ column[:, :b])
         return torch.cat(out, 1).view(B, H, n)
 

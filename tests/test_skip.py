@@ -215,11 +215,15 @@ def test_decode_context_attention_equals_recompute():
         assert abs(reads["recompute"][key] - value) < 1e-5
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_prefill_attention_mass_equals_the_probabilities(family):
+@pytest.mark.parametrize("family, chunk", [(f, 256) for f in FAMILIES] + [("qwen3", 8)])
+def test_prefill_attention_mass_equals_the_probabilities(family, chunk, monkeypatch):
     """``state.attention_mass`` for every slot at prefill (FTP's feature, computed on a few heads
-    without a probability matrix) equals the columns of the explicit attention probabilities, with
-    keys masked by a Skip at the previous layer and by left padding (padding rows: 0)."""
+    without a probability matrix, in chunks of query rows) equals the columns of the explicit
+    attention probabilities, with keys masked by a Skip at the previous layer and by left padding
+    (padding rows: 0)."""
+    from tokenprune.adapters import decoder
+
+    monkeypatch.setattr(decoder, "MASS_ROWS", chunk)
     model = tiny_decoder(family)
     checked = []
 
