@@ -57,10 +57,13 @@ def test_loads_the_shipped_router_by_name():
     assert ftp.checkpoint == "smollm2-135m" and ftp.router.num_layers == 30 and ftp.router.hidden_size == 576
     assert os.path.getsize(SHIPPED / "ftp.safetensors") < 20_000  # a few thousand parameters
     assert tp.build_pruner(**ftp.to_dict()).router is ftp.router  # round-trips, loaded once
-    for budget in ("0.2", "0.3", "0.4"):  # the searched schedules ship as configs
+    # the searched schedules ship as configs: for the default (the prompt's share the eval runs it at
+    # for 0.2 / 0.3 / 0.4 of its pass) and for every token routed
+    for budget, every in [("0.25", False), ("0.375", False), ("0.5", False), ("0.2", True), ("0.3", True), ("0.4", True)]:
         config = json.loads((SHIPPED / f"ftp-{budget}.json").read_text())
         p = tp.build_pruner(**config)
         assert p.sparsity == float(budget) and len(p.schedule) == 30 and p.schedule[0] == 0.0
+        assert p.route_generated == every
         assert abs(sum(p.schedule) / 30 - float(budget)) < 1e-3
         assert tp.build_pruner("ftp", sparsity=float(budget), schedule="searched").schedule == p.schedule
 

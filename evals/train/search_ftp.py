@@ -15,7 +15,7 @@ best ``--elite``, and fills the rest with children of tournament-picked parents 
 crossover, then log-normal noise on a few blocks), each projected back onto the budget.
 
 Writes, per budget, ``ftp-<budget>.json`` (``tp.build_pruner(**json.load(f))``) and the search log
-``search.json`` to ``--out``; ``schedules.json`` collects the schedules ``ftp(schedule="searched")``
+``search.json`` (``search-route-generated.json`` with ``--route-generated``) to ``--out``; ``schedules.json`` collects the schedules ``ftp(schedule="searched")``
 loads.
 
     .venv/bin/python evals/train/search_ftp.py --threads 1
@@ -188,7 +188,7 @@ def main():
     with open(schedules_path, "w") as f:
         json.dump(shipped, f, indent=1)
     log["total_seconds"] = time.time() - t0
-    with open(os.path.join(args.out, "search.json"), "w") as f:
+    with open(os.path.join(args.out, "search-route-generated.json" if args.route_generated else "search.json"), "w") as f:
         json.dump(log, f, indent=1)
 
 
