@@ -937,15 +937,16 @@ class DecoderAdapter(HookedAdapter):
         slots = cap.get("slots")
         if slots is None:
             return q, k
-        q = scatter_rows(q.new_zeros(B, n, *q.shape[2:]), slots, q)
-        k = scatter_rows(k.new_zeros(B, n, *k.shape[2:]), slots, k)
+        ran = (slots + torch.arange(B, device=slots.device)[:, None] * n).reshape(-1)  # of the B * n rows
         missing = torch.ones(B * n, dtype=torch.bool, device=hidden.device)
-        missing[(slots + torch.arange(B, device=slots.device)[:, None] * n).reshape(-1)] = False
+        missing[ran] = False
         rows = missing.nonzero().squeeze(1)
-        if len(rows):
-            x = layer.input_layernorm(hidden.reshape(B * n, -1).index_select(0, rows))
-            q.view(B * n, -1).index_copy_(0, rows, project_heads(attn.q_proj, x, heads, hd))
-        return q, k
+        x = layer.input_layernorm(hidden.reshape(B * n, -1).index_select(0, rows))
+        # rows that ran, then the others (their q projected now, keys 0), put in slot order by one gather
+        order = torch.cat([ran, rows]).argsort()
+        q = torch.cat([q.reshape(len(ran), -1), project_heads(attn.q_proj, x, heads, hd)]).index_select(0, order)
+        k = torch.cat([k.reshape(len(ran), -1), k.new_zeros(len(rows), k.shape[2] * hd)]).index_select(0, order)
+        return q.view(B, n, -1, hd), k.view(B, n, -1, hd)
 
     def _captured(self, call: Call, heads: tuple[int, ...] | None = None):
         """The previous layer's own q / k projections ``(B, n, .)`` of the current slots, when it
