@@ -134,7 +134,8 @@ class TokenState:
         """(B, heads, q): the previous layer's attention of the query slots on the keys at the
         original positions ``key_positions`` ((B,) or (B, k)), e.g. ``state.row_offset`` for each row's
         first token (the attention sink). The same numbers as summing ``context_attention`` columns,
-        but computed with the fused attention kernel: no (q, n) matrix, at prefill and decode alike.
+        without the whole (q, n) matrix: at prefill a chunk of query rows at a time, at decode the
+        fused attention kernel.
         ``heads``: only these query heads (their indices), which costs only their share.
         """
         on = key_positions.to(self.index.device).reshape(self.batch_size, -1)
