@@ -189,6 +189,9 @@ def test_training_script_smoke(tmp_path, smollm2):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps_done"] == 2 and len(metrics["log"]) == 2
     assert set(metrics["split"]) == {"held", "train", "calibration"} and metrics["split"]["held"] > 0
+    # each calibrated cut makes generated tokens skip about the share it is for
+    for rule in ("router", "static"):
+        assert all(abs(got - target) < 0.15 for target, got in metrics["threshold_realised"][rule]), metrics
     assert "FTP router for SmolLM2-135M" in (tmp_path / "README.md").read_text()
     p = tp.build_pruner("ftp", sparsity=0.3, checkpoint=str(tmp_path))
     assert p.router.num_layers == 30

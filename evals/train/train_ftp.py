@@ -253,11 +253,12 @@ def calibrate_thresholds(model, router: Router, blocks: torch.Tensor, context: i
     seg[:, context:] = int(tp.Segment.GENERATED)
     bar = tqdm(total=2 * (steps + 1) * len(THRESHOLD_GRID) * len(blocks), desc="calibrate thresholds",
                disable=not progress)
-    tables = {}
+    tables, reached = {}, {False: [], True: []}  # (sparsity, share its cut skips) per rule
     for static in (False, True):
         tables[static] = []
         for s in THRESHOLD_GRID:
-            pruner = FTP(sparsity=s * (L - 1) / L, checkpoint=None, static=static)  # s in every block >= 1
+            pruner = FTP(sparsity=s * (L - 1) / L, checkpoint=None, static=static,  # s in every block >= 1
+                         route_generated=True)
             pruner.router = router
             score = pruner.scores
 
@@ -295,12 +296,13 @@ def calibrate_thresholds(model, router: Router, blocks: torch.Tensor, context: i
                 lo, hi = (level, hi) if got < s else (lo, level)
                 level = (lo + hi) / 2
             tables[static].append((s, round(best[0], 6)))
+            reached[static].append((s, round(best[1], 4)))
         for k in range(1, len(tables[static])):  # non-decreasing: more sparsity never skips fewer
             x, y = tables[static][k]
             tables[static][k] = (x, max(y, tables[static][k - 1][1]))
     router.thresholds, router.static_thresholds = tables[False], tables[True]
     bar.close()
-    return router.thresholds, router.static_thresholds
+    return router.thresholds, router.static_thresholds, reached
 
 
 def lowest(score: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -534,8 +536,9 @@ def main(argv=None, loaded=None):
         m["command"] = command
     t1 = time.time()
     # training blocks, generated tail as in training (by default the eval's positions: 512 + 128)
-    calibrate_thresholds(model, router, train[torch.tensor(order[:args.threshold_blocks])],
-                         context=args.length - round(args.generated * args.length), progress=progress)
+    *_, reached = calibrate_thresholds(model, router, train[torch.tensor(order[:args.threshold_blocks])],
+                                       context=args.length - round(args.generated * args.length), progress=progress)
+    m["threshold_realised"] = {"router": reached[False], "static": reached[True]}
     os.makedirs(args.out, exist_ok=True)
     router.save(path, trained_on="smollm2-135m", steps=m["steps_done"], seed=args.seed)
     budgets = [0.2, 0.3, 0.4]
