@@ -246,6 +246,7 @@ def calibrate_thresholds(model, router: Router, blocks: torch.Tensor, context: i
     measured, not predicted: bisection over the quantiles of the scores without skipping, ``steps``
     runs per sparsity; the table is then made non-decreasing in ``s``. Static rule: the keep score
     is minus the sink share."""
+    from tokenprune.evals.tasks import scored_skips
     from tokenprune.methods.ftp import FTP
 
     L = model.config.num_hidden_layers
@@ -277,13 +278,14 @@ def calibrate_thresholds(model, router: Router, blocks: torch.Tensor, context: i
                     return out
 
                 pruner.scores = record
+                skipped = 0
                 with tp.pruning(model, pruner) as handle:
                     for x in blocks.split(1):
                         with handle.segments(seg):
                             model(x, use_cache=False)
+                        skipped += scored_skips(handle.stats, context, x.shape[1])[0]  # what really skipped
                         bar.update(1)
-                scores = torch.cat(seen)
-                return (0.0 if cut is None else float((scores < cut).float().mean())), scores
+                return skipped / (len(blocks) * (blocks.shape[1] - context) * (L - 1)), torch.cat(seen)
 
             _, base = realised(None)
             lo, hi, best = 0.0, 1.0, None
