@@ -421,6 +421,10 @@ def plot_accuracy_vs_flops(rows: list[dict], path: str) -> str:
         ax.set_title(f"{model}: {first['task']} ({first['n_items']} items, seed {first['seed']})", fontsize=10)
         ax.set_xlabel(f"FLOPs relative to dense ({first['flops_source']})")
         ax.set_ylabel(f"{first['metric']} ({direction} is better)")
+        values = [r["quality"] for r in mrows if r["quality"] is not None and r["quality"] > 0]
+        if values and max(values) > 20 * min(values):  # e.g. perplexities from 13 to 7e4: log, or all on one line
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{first['metric']} ({direction} is better, log scale)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, title="method (labels: budget)", title_fontsize=7, loc="upper left",
                   bbox_to_anchor=(0.0, -0.14))
