@@ -280,6 +280,7 @@ class Call:
     layer_rope: tuple | None = None  # HF's rotary cos / sin of the current layer
     hollow: list | None = None  # hooks that empty the block no token runs (see ``_hollow``)
     causal: torch.Tensor | None = None  # (c, c) additive causal mask of one query chunk (``_prefill_mass``)
+    new_keys: tuple | None = None  # decode: (positions, validity) of the new tokens, as keys of a layer they all run
 
     @property
     def state(self) -> TokenState:
@@ -324,6 +325,8 @@ class DecoderAdapter(HookedAdapter):
         if self._rotate is None:
             raise UnsupportedModelError(f"{attn_module.__name__} has no apply_rotary_pos_emb")
         self._requests: "weakref.WeakKeyDictionary[object, Request]" = weakref.WeakKeyDictionary()
+        # the pruners asked at decode steps, per layer (looked up at every layer of every step)
+        self.decode_routers = {i: [p for p in ps if p.routes_decode] for i, ps in self.at.items()}
 
     # ---- attach / detach -------------------------------------------------------------
     def attach(self):
@@ -720,9 +723,11 @@ class DecoderAdapter(HookedAdapter):
             pids = expand_rows(pids, B) - req.shift[i][:, None]
             rope = self._rope(i, hidden, pids)
         call.dstash = (i, hidden, rope, kept, cache)
-        if kept is None:
-            slots, new_valid = None, torch.ones(B, q, dtype=torch.bool, device=hidden.device)
-            new = (call.start_len + torch.arange(q, device=hidden.device)).expand(B, q)
+        if kept is None:  # every new token runs block i: the same for every such layer of this step
+            if call.new_keys is None:
+                call.new_keys = ((call.start_len + torch.arange(q, device=hidden.device)).expand(B, q),
+                                 torch.ones(B, q, dtype=torch.bool, device=hidden.device))
+            slots, (new, new_valid) = None, call.new_keys
         else:
             slots, new_valid = kept
             new = call.start_len + slots
@@ -751,7 +756,7 @@ class DecoderAdapter(HookedAdapter):
 
     def _route_decode(self, call: Call, i: int, hidden: torch.Tensor):
         """Ask the routers scheduled before layer i about the new tokens; apply a Skip they answer."""
-        routers = [p for p in self.at.get(i, ()) if p.routes_decode]
+        routers = self.decode_routers.get(i)
         if not routers:
             return None
         stream, st = call.stream, call.state

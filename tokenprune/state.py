@@ -85,7 +85,7 @@ class TokenState:
     _keys: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     _context: Callable | None = field(default=None, repr=False)
     _mass: Callable | None = field(default=None, repr=False)
-    input_segments: frozenset = field(default=frozenset(), repr=False)
+    _input: tuple | None = field(default=None, repr=False)  # (segments, valid) as built: ``input_segments``
     # per original token (B, N, ...) facts an adapter knows, e.g. an LVLM's "image", "row", "col";
     # a value may be a zero-argument callable, computed once on first use
     token_info: dict = field(default_factory=dict, repr=False)
@@ -96,8 +96,16 @@ class TokenState:
     _memo: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        # what the input contained, so "segment missing" is told apart from "already pruned away"
-        self.input_segments = frozenset(self.segments[self.valid].unique().tolist())
+        self._input = (self.segments, self.valid)
+
+    @property
+    def input_segments(self) -> frozenset:
+        """Segments the input contained, so "segment missing" is told apart from "already pruned away"
+        (computed on first use: a decode step builds a state at every call and rarely asks)."""
+        if not isinstance(self._input, frozenset):
+            segments, valid = self._input
+            self._input = frozenset(segments[valid].unique().tolist())
+        return self._input
 
     @property
     def batch_size(self) -> int:
