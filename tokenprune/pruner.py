@@ -76,8 +76,8 @@ class Pruner:
     #: routers: ``select`` is also asked at every decode step, with the new tokens as the slots
     #: (``state.decoding``); it may answer a ``Skip`` there, so generated tokens skip blocks too
     routes_decode: ClassVar[bool] = False
-    #: skip methods whose tokens with a read prediction (generated ones, the prompt's last) run every
-    #: block: their ``sparsity`` is spent on the prompt alone (an eval compares them at equal compute)
+    #: skip methods whose generated tokens run every block (``ftp`` also keeps the prompt's last): their
+    #: ``sparsity`` is spent on the prompt alone (an eval compares them at equal compute)
     spares_generated: ClassVar[bool] = False
 
     target: str = field(default="auto", kw_only=True)  # "vision" / "language": where in an LVLM it goes
