@@ -46,7 +46,7 @@ from ..pruner import ModelFacts
 from ..state import Segment, TokenState
 from ..stats import Stats, decoder_layer_flops, kv_bytes_per_token
 from .base import HookedAdapter, attention_mass, attention_probs
-from .stream import Stream, expand_rows, gather_rows, scatter_rows
+from .stream import Stream, expand_rows, flat_rows, gather_rows, scatter_rows
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 MASS_ROWS = 256  # query rows per chunk of ``_prefill_mass``
@@ -943,7 +943,7 @@ class DecoderAdapter(HookedAdapter):
         slots = cap.get("slots")
         if slots is None:
             return q, k
-        ran_rows = (slots + torch.arange(B, device=slots.device)[:, None] * n).reshape(-1)  # of the B * n rows
+        ran_rows = flat_rows(slots, n)  # of the B * n rows
         missing = torch.ones(B * n, dtype=torch.bool, device=hidden.device)
         missing[ran_rows] = False
         rows = missing.nonzero().squeeze(1)
@@ -978,7 +978,7 @@ class DecoderAdapter(HookedAdapter):
                     hd = layer.self_attn.head_dim
                     cols = torch.cat([torch.arange(h * hd, (h + 1) * hd, device=x.device) for h in heads])
                     rows = full_q[missing]
-                    rows[:, cols] = nn.functional.linear(x, proj.weight[cols], None if proj.bias is None else proj.bias[cols])
+                    rows[:, cols] = project_heads(proj, x, heads, hd)
                     full_q[missing] = rows
                     return full_q, full_k
                 full_q[missing] = proj(x)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..state import TokenState, expand_rows, gather_rows, scatter_rows  # noqa: F401  (the adapters import them from here)
+from ..state import TokenState, expand_rows, flat_rows, gather_rows, scatter_rows  # noqa: F401  (the adapters import them from here)
 
 
 class Stream:

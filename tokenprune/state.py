@@ -24,16 +24,16 @@ def gather_rows(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     if t.shape[0] == 1:
         return t[0].index_select(0, slots.reshape(-1)).view(B, m, *t.shape[2:])
     n = t.shape[1]
-    return t.reshape(B * n, *t.shape[2:]).index_select(0, _flat(slots, n)).view(B, m, *t.shape[2:])
+    return t.reshape(B * n, *t.shape[2:]).index_select(0, flat_rows(slots, n)).view(B, m, *t.shape[2:])
 
 
 def scatter_rows(t: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` (B, n, ...) with ``t[b, slots[b]] = values[b]`` (slots distinct within a row)."""
     B, n = t.shape[:2]
-    return t.reshape(B * n, *t.shape[2:]).index_copy(0, _flat(slots, n), values.reshape(-1, *t.shape[2:])).view(t.shape)
+    return t.reshape(B * n, *t.shape[2:]).index_copy(0, flat_rows(slots, n), values.reshape(-1, *t.shape[2:])).view(t.shape)
 
 
-def _flat(slots: torch.Tensor, n: int) -> torch.Tensor:
+def flat_rows(slots: torch.Tensor, n: int) -> torch.Tensor:
     """Row-major indices of ``[b, slots[b]]`` into the (B * n) flattened rows."""
     return (slots + torch.arange(slots.shape[0], device=slots.device)[:, None] * n).reshape(-1)
 

@@ -51,7 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 import tokenprune as tp  # noqa: E402
-from tokenprune.methods.ftp import Router, features, load_router  # noqa: E402
+from tokenprune.methods.ftp import Router, features, load_router, skip_count  # noqa: E402
 
 OUT_DIR = os.path.join(REPO, "tokenprune", "zoo", "weights", "smollm2-135m", "ftp")
 CALIBRATION_EVERY = 6
@@ -183,8 +183,9 @@ class SoftRouting:
         sink = self.sink_share(i)
         feats = features(sink, pos, prompt, s)
         logit = self.router(feats)
-        fixed = 1 if self.route_generated else 2  # prompt tokens that always run: the first (and the last)
-        k = ((prompt.sum(1) + fixed).double() * s + 0.5).floor().long().clamp(max=int(prompt.sum(1).min()))
+        # as FTP.select: round(s * n) of the row's n prompt tokens, those that always run (the first,
+        # and the last unless generated tokens are routed) counted
+        k = skip_count(prompt, ~generated & ~prompt, s)
         # the static attention-rank router (the guide): the highest attention shares on the sink skip
         static_skip = prompt & (lowest(-feats[..., 2], prompt) < k[:, None])
         skip = prompt & (lowest(-feats[..., 2] if self.static else logit.detach(), prompt) < k[:, None])
