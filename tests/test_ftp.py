@@ -215,6 +215,11 @@ def test_attention_mass_of_some_heads_is_their_share_at_prefill_and_decode(famil
             some = state.attention_mass(state.row_offset, heads=(3, 0))  # GQA: key heads 1 and 0
             every = state.attention_mass(state.row_offset)
             assert some.shape[1] == 2 and torch.allclose(some, every[:, [3, 0]], atol=1e-6)
+            if not state.decoding:  # some query rows only (the path that re-projects the skippers' head columns)
+                rows = torch.arange(0, state.index.shape[1], 2).expand(state.index.shape[0], -1)
+                some = state.attention_mass(state.row_offset, query_slots=rows, heads=(3, 0))
+                every = state.attention_mass(state.row_offset, query_slots=rows)
+                assert torch.allclose(some, every[:, [3, 0]], atol=1e-6)
             seen.append(state.decoding)
             return super().select(state)
 
